@@ -40,6 +40,7 @@ from .special import boxy_area_factor, gauss_legendre, mag_to_flux
 __all__ = ["RenderOptions", "Renderer", "render", "prepare_psf", "PSF_KINDS", "fast_fft_size"]
 
 PSF_KINDS = ("star", "optical")
+_CORE_TRUNCATION = 2.5
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ class RenderOptions:
         Half-size, in cells, of the window around each centre that is integrated exactly.
     angular_order, radial_order : int
         Quadrature points per triangle (angle) and per radial panel in that window.
+    core_radius : float
+        With a PSF, the light of each component is split by the flat-topped window
+        ``w = t(dx) t(dy)``, ``t(d) = exp(-(d / core_radius)^4 / 2)`` (cells; truncated at
+        2.5 core_radius, where it is below 1e-8):
+        ``f (1 - w)``, which has no central cusp, is integrated over cells as without a PSF;
+        ``f w`` (the steep core) is Fourier transformed by quadrature at the FFT frequencies,
+        so that it is not aliased.
+    core_sampling, core_order : int
+        Quadrature panels per cell and Gauss–Legendre points per panel for the core transform.
+    core_exact : int
+        Panels on each side of the centre whose integrals and moments (to second order) come
+        from the exact-geometry quadrature instead.
     chunk : int
         Galaxies rendered together (bounds the memory of one call).
     """
@@ -65,6 +78,10 @@ class RenderOptions:
     window: int = 3
     angular_order: int = 16
     radial_order: int = 12
+    core_radius: float = 3.0
+    core_sampling: int = 8
+    core_order: int = 2
+    core_exact: int = 2
     chunk: int = 128
 
 
@@ -195,7 +212,8 @@ class Renderer:
         self.hy, self.hx = hy, hx
         k = self.k
         hr, wr = self.height * k + 2 * hy, self.width * k + 2 * hx
-        ny, nx = fast_fft_size(hr), fast_fft_size(wr)
+        room = int(math.ceil(_CORE_TRUNCATION * self.options.core_radius)) + 1
+        ny, nx = fast_fft_size(hr + room), fast_fft_size(wr + room)
         self.fft_shape = (ny, nx)
         kernel = np.zeros((len(psfs), ny, nx))
         for i, p in enumerate(psfs):
@@ -218,6 +236,7 @@ class Renderer:
                 shift = torch.exp(-1j * math.pi * (fy[:, None] + fx[None, :]))
                 psf_hat = psf_hat * shift
         self._psf_hat = psf_hat
+        self._cell_response = cell_response
         self._point_hat = psf_hat * cell_response
 
     # ------------------------------------------------------------------------------------
@@ -293,17 +312,20 @@ class Renderer:
         B = sl.stop - sl.start
         hr, wr = self.render_shape
         acc = None
+        extra = None
         for comp in self._elliptical:
             if only is None or comp.name in only:
-                img = self._integrate(comp, values, sl)
+                img, spec = self._integrate(comp, values, sl)
                 acc = img if acc is None else acc + img
+                if spec is not None:
+                    extra = spec if extra is None else extra + spec
         points = [c for c in self._points if only is None or c.name in only]
         if self._psf_hat is None:
             image = acc if acc is not None else torch.zeros(B, hr, wr, dtype=self.dtype, device=self.device)
         elif acc is None and not points:
             image = torch.zeros(B, self.height, self.width, dtype=self.dtype, device=self.device)
         else:
-            image = self._convolve(acc, points, values, sl, B)
+            image = self._convolve(acc, extra, points, values, sl, B)
         for comp in self._skies:
             if only is None or comp.name in only:
                 image = image + self._sky(comp, values, sl)
@@ -339,19 +361,136 @@ class Renderer:
         sin, cos = torch.sin(pa), torch.cos(pa)
         B = X.shape[0]
         hr, wr = self.render_shape
+        geom = (X, Y, q, sin, cos, c0)
+        core = None
+        if self._psf_hat is not None:
+            # the core's transform is periodic in the FFT box: use it only for centres inside
+            # the render grid (the box has room for the core on every side of that grid)
+            inside = ((X >= 0) & (X <= wr - 1) & (Y >= 0) & (Y <= hr - 1)).to(self.dtype)
+            core = inside
         xs = torch.arange(wr, dtype=self.dtype, device=self.device).expand(B, wr)
         ys = torch.arange(hr, dtype=self.dtype, device=self.device).expand(B, hr)
-        geom = (X, Y, q, sin, cos, c0)
-        flat = self._cells_gauss(prof, shape, geom, xs, ys, self.options.base_order).reshape(B, -1)
+        flat = self._cells_gauss(prof, shape, geom, xs, ys, self.options.base_order, core).reshape(B, -1)
         ic, jc = torch.round(X).detach(), torch.round(Y).detach()
         for half, order in self.options.refine:
             index, ok, xw, yw = self._window_cells(ic, jc, half)
-            cells = self._cells_gauss(prof, shape, geom, xw, yw, order)
+            cells = self._cells_gauss(prof, shape, geom, xw, yw, order, core)
             flat = _replace(flat, index, ok, cells)
         index, ok, xw, yw = self._window_cells(ic, jc, self.options.window)
-        cells = self._cells_exact(prof, shape, geom, xw, yw) * q[:, None, None]
+        edges_x = torch.cat([xw - 0.5, xw[:, -1:] + 0.5], dim=1)
+        edges_y = torch.cat([yw - 0.5, yw[:, -1:] + 0.5], dim=1)
+        cells = self._cells_exact(prof, shape, geom, edges_x, edges_y)[0] * q[:, None, None]
+        if core is not None:
+            # with the core transformed separately, f (1 - w) has no cusp: the Gauss–Legendre
+            # cells stand, and the exact window is only for centres outside the grid
+            ok = ok & (core == 0)[:, None]
         flat = _replace(flat, index, ok, cells)
-        return (flat * (amp / q)[:, None]).reshape(B, hr, wr)
+        image = (flat * (amp / q)[:, None]).reshape(B, hr, wr)
+        if core is None:
+            return image, None
+        spectrum = self._core_spectrum(prof, shape, geom) * (core * amp)[:, None, None]
+        return image, spectrum
+
+    def _taper(self, d):
+        """The core window along one axis: ``exp(-(d / core_radius)^4 / 2)``, flat at the centre."""
+        return torch.exp(-0.5 * (d / self.options.core_radius) ** 4)
+
+    def _taper_derivatives(self, d):
+        """The window and its first two derivatives along one axis."""
+        s = self.options.core_radius
+        t = self._taper(d)
+        d1 = -2.0 * d ** 3 / s ** 4 * t
+        d2 = (-6.0 * d ** 2 / s ** 4 + 4.0 * d ** 6 / s ** 8) * t
+        return t, d1, d2
+
+    def _core_nodes(self):
+        """Quadrature offsets and weights (relative to the centre, cells) of the core transform,
+        and the cell centres and edges of the exactly integrated panels; cached per dtype."""
+        o = self.options
+        key = "_core_cache"
+        cache = getattr(self, key, None)
+        if cache is not None:
+            return cache
+        half = _CORE_TRUNCATION * o.core_radius
+        n_side = int(math.ceil(half * o.core_sampling))
+        h = 1.0 / o.core_sampling
+        t, w = gauss_legendre(o.core_order, dtype=self.dtype, device=self.device)
+        starts = (torch.arange(-n_side, n_side, dtype=self.dtype, device=self.device) * h)
+        nodes = (starts[:, None] + h * t[None, :]).reshape(-1)
+        weights = (h * w).repeat(2 * n_side) * self._taper(nodes)
+        exact = torch.zeros(2 * n_side, dtype=torch.bool, device=self.device)
+        exact[n_side - o.core_exact:n_side + o.core_exact] = True
+        exact_nodes = exact.repeat_interleave(o.core_order)
+        # zero the tensor-product weights where the exact panels take over
+        wmat = weights[:, None] * weights[None, :]
+        wmat = wmat * ~(exact_nodes[:, None] & exact_nodes[None, :])
+        edges = torch.arange(-o.core_exact, o.core_exact + 1, dtype=self.dtype, device=self.device) * h
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        ny, nx = self.fft_shape
+        fy, fx = self._fy, self._fx
+        ey = torch.exp(-2j * math.pi * fy[:, None] * nodes[None, :])        # (Ny, N)
+        ex = torch.exp(-2j * math.pi * fx[:, None] * nodes[None, :])        # (Nx', N)
+        eyc = torch.exp(-2j * math.pi * fy[:, None] * centres[None, :])     # (Ny, Ne)
+        exc = torch.exp(-2j * math.pi * fx[:, None] * centres[None, :])
+        cache = dict(nodes=nodes, wmat=wmat, edges=edges, ey=ey, ex=ex, eyc=eyc, exc=exc)
+        setattr(self, key, cache)
+        return cache
+
+    def _core_spectrum(self, prof, shape, geom):
+        """Fourier transform of ``f w`` (times the cell response) at the FFT frequencies, in
+        units of the profile amplitude: tensor Gauss–Legendre quadrature over the core window,
+        with the panels at the centre replaced by exact cell integrals and their first and
+        second moments."""
+        X, Y, q, sin, cos, c0 = geom
+        B = X.shape[0]
+        c = self._core_nodes()
+        nodes = c["nodes"]
+        p = {k: v.view(B, 1, 1) for k, v in shape.items()}
+        sb, cb, qb = sin.view(B, 1, 1), cos.view(B, 1, 1), q.view(B, 1, 1)
+        tiny = torch.finfo(self.dtype).tiny
+        dx, dy = nodes[None, None, :], nodes[None, :, None]
+        u = -sb * dx + cb * dy
+        v = (-cb * dx - sb * dy) / qb
+        f = prof.radial(self._radius(u, v, c0, tiny), p) * c["wmat"] / qb      # (B, N, N)
+        cplx = self._psf_hat.dtype
+        spec = c["ey"] @ (f.to(cplx) @ c["ex"].T)                              # (B, Ny, Nx')
+        # exact panels at the centre, with moments about each panel's centre
+        edges = c["edges"]
+        ex_edges = (X[:, None] + edges[None, :])
+        ey_edges = (Y[:, None] + edges[None, :])
+        C, m1x, m1y, mxx, mxy, myy = self._cells_exact(prof, shape, geom, ex_edges, ey_edges, moments=True)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        ox, oy = centres[None, None, :], centres[None, :, None]    # panel centre offsets
+        m1x_c = m1x - ox * C
+        m1y_c = m1y - oy * C
+        mxx_c = mxx - 2 * ox * m1x + ox * ox * C
+        myy_c = myy - 2 * oy * m1y + oy * oy * C
+        mxy_c = mxy - ox * m1y - oy * m1x + ox * oy * C
+        # include the window w (Taylor expansion to second order about each panel centre)
+        tx, tx1, tx2 = self._taper_derivatives(ox)
+        ty, ty1, ty2 = self._taper_derivatives(oy)
+        w0, wx, wy = tx * ty, tx1 * ty, tx * ty1
+        wxx, wyy, wxy = tx2 * ty, tx * ty2, tx1 * ty1
+        C, m1x_c, m1y_c = (
+            w0 * C + wx * m1x_c + wy * m1y_c + 0.5 * (wxx * mxx_c + 2 * wxy * mxy_c + wyy * myy_c),
+            w0 * m1x_c + wx * mxx_c + wy * mxy_c,
+            w0 * m1y_c + wx * mxy_c + wy * myy_c,
+        )
+        mxx_c, mxy_c, myy_c = w0 * mxx_c, w0 * mxy_c, w0 * myy_c
+        fy = self._fy[:, None]
+        fx = self._fx[None, :]
+        eyc, exc = c["eyc"], c["exc"]
+
+        def tr(m):
+            return eyc @ m.to(cplx) @ exc.T
+
+        two_pi = 2.0 * math.pi
+        spec = spec + (tr(C) - 1j * two_pi * (fx * tr(m1x_c) + fy * tr(m1y_c))
+                       - 0.5 * two_pi ** 2 * (fx * fx * tr(mxx_c) + 2 * fx * fy * tr(mxy_c)
+                                              + fy * fy * tr(myy_c)))
+        phase_y = torch.exp(-2j * math.pi * self._fy[None, :] * Y[:, None])
+        phase_x = torch.exp(-2j * math.pi * self._fx[None, :] * X[:, None])
+        return spec * phase_y[:, :, None] * phase_x[:, None, :] * self._cell_response
 
     def _window_cells(self, ic, jc, half):
         """Flat indices, in-grid flags and cell-centre coordinates of the (2 half + 1)^2 window
@@ -371,9 +510,10 @@ class Renderer:
         C = (c0 + 2.0).reshape(-1, *([1] * (u.ndim - 1)))
         return (torch.abs(u) ** C + torch.abs(w) ** C + tiny) ** (1.0 / C)
 
-    def _cells_gauss(self, prof, shape, geom, xs, ys, order):
-        """Tensor-product Gauss–Legendre integral of ``f`` over cells (unit area) centred at
-        ``xs`` (B, nx) x ``ys`` (B, ny); returns (B, ny, nx)."""
+    def _cells_gauss(self, prof, shape, geom, xs, ys, order, core=None):
+        """Tensor-product Gauss–Legendre integral of ``f`` (times ``1 - core w`` when ``core``,
+        a (B,) 0/1 tensor, is given) over cells (unit area) centred at ``xs`` (B, nx) x
+        ``ys`` (B, ny); returns (B, ny, nx)."""
         X, Y, q, sin, cos, c0 = geom
         B = X.shape[0]
         t, w = gauss_legendre(order, dtype=self.dtype, device=self.device)
@@ -388,31 +528,46 @@ class Renderer:
                 u = -sb * dx + cb * dy
                 v = (-cb * dx - sb * dy) / qb
                 term = (wa * wb) * prof.radial(self._radius(u, v, c0, tiny), p)
+                if core is not None:
+                    term = term * (1.0 - core.view(B, 1, 1) * self._taper(dx) * self._taper(dy))
                 acc = term if acc is None else acc + term
         return acc
 
-    def _cells_exact(self, prof, shape, geom, xs, ys):
-        """Integral of ``f`` over cells centred at ``xs`` (B, K) x ``ys`` (B, K), in units of
-        ``q`` times the cell integral, by exact geometry.
+    def _cells_exact(self, prof, shape, geom, edges_x, edges_y, moments=False):
+        """Integrals of ``q f`` over the cells between ``edges_x`` (B, K+1) and ``edges_y``
+        (B, K+1), by exact geometry: each cell is the signed sum of the four triangles
+        (centre, edge), each integrated in polar coordinates in the frame where the ellipse is
+        a circle, with the radial quadrature graded to the profile's cusp.
 
-        Each cell is the signed sum of the four triangles (centre, edge); each triangle is
-        integrated in polar coordinates in the frame where the ellipse is a circle, with the
-        radial quadrature graded to the profile's cusp.
+        Returns a tuple: the integrals (B, K, K) and, with ``moments``, the first moments
+        (x, y) and second moments (xx, xy, yy) about the centre, in pixel axes.
         """
         X, Y, q, sin, cos, c0 = geom
         B = X.shape[0]
-        dxc = torch.cat([xs - 0.5, xs[:, -1:] + 0.5], dim=1) - X[:, None]  # (B, K+1) corners
-        dyc = torch.cat([ys - 0.5, ys[:, -1:] + 0.5], dim=1) - Y[:, None]
         sb, cb, qb = sin.view(B, 1, 1), cos.view(B, 1, 1), q.view(B, 1, 1)
-        dx, dy = dxc[:, None, :], dyc[:, :, None]
+        dx = (edges_x - X[:, None])[:, None, :]
+        dy = (edges_y - Y[:, None])[:, :, None]
         a = -sb * dx + cb * dy           # (B, K+1, K+1): corners in the circular frame
         b = (-cb * dx - sb * dy) / qb
-        horiz = self._triangles(prof, shape, c0, a[:, :, :-1], b[:, :, :-1], a[:, :, 1:], b[:, :, 1:])
-        vert = self._triangles(prof, shape, c0, a[:, :-1, :], b[:, :-1, :], a[:, 1:, :], b[:, 1:, :])
-        return horiz[:, :-1, :] + vert[:, :, 1:] - horiz[:, 1:, :] - vert[:, :, :-1]
+        horiz = self._triangles(prof, shape, c0, a[:, :, :-1], b[:, :, :-1], a[:, :, 1:], b[:, :, 1:], moments)
+        vert = self._triangles(prof, shape, c0, a[:, :-1, :], b[:, :-1, :], a[:, 1:, :], b[:, 1:, :], moments)
+        cells = [h[:, :-1, :] + v[:, :, 1:] - h[:, 1:, :] - v[:, :, :-1] for h, v in zip(horiz, vert)]
+        if not moments:
+            return tuple(cells)
+        C, ma, mb, maa, mab, mbb = cells
+        # back to pixel axes: (dx, dy) = A (a, b) with A = [[-s, -q c], [c, -q s]]
+        s4, c4, q4 = sin.view(B, 1, 1), cos.view(B, 1, 1), q.view(B, 1, 1)
+        a11, a12, a21, a22 = -s4, -q4 * c4, c4, -q4 * s4
+        mx = a11 * ma + a12 * mb
+        my = a21 * ma + a22 * mb
+        mxx = a11 * a11 * maa + 2 * a11 * a12 * mab + a12 * a12 * mbb
+        myy = a21 * a21 * maa + 2 * a21 * a22 * mab + a22 * a22 * mbb
+        mxy = a11 * a21 * maa + (a11 * a22 + a12 * a21) * mab + a12 * a22 * mbb
+        return C, mx, my, mxx, mxy, myy
 
-    def _triangles(self, prof, shape, c0, ax, ay, bx, by):
-        """Signed integral of ``f`` over the triangles (origin, A, B), circular frame."""
+    def _triangles(self, prof, shape, c0, ax, ay, bx, by, moments=False):
+        """Signed integrals of ``f`` over the triangles (origin, A, B) in the circular frame;
+        with ``moments`` also of ``a f, b f, a a f, a b f, b b f``. Returns a tuple."""
         o = self.options
         dt, dev = self.dtype, self.device
         B = ax.shape[0]
@@ -434,13 +589,23 @@ class Renderer:
         else:
             C = (c0 + 2.0).view(B, 1, 1, 1)
             g = (torch.abs(ex) ** C + torch.abs(ey) ** C) ** (1.0 / C)
-        radial = self._radial_integral(prof, shape, R, g, tiny)     # (B, E1, E2, Mt)
-        tri = dtheta * (radial * wtau).sum(-1)
-        return torch.where(live, tri, torch.zeros_like(tri))
+        radial = self._radial_integral(prof, shape, R, g, tiny, 3 if moments else 1)
+        if moments:
+            angular = (torch.ones_like(ex), ex, ey, ex * ex, ex * ey, ey * ey)
+            powers = (0, 1, 1, 2, 2, 2)
+        else:
+            angular, powers = (None,), (0,)
+        out = []
+        for ang, pw in zip(angular, powers):
+            integrand = radial[pw] if ang is None else radial[pw] * ang
+            tri = dtheta * (integrand * wtau).sum(-1)
+            out.append(torch.where(live, tri, torch.zeros_like(tri)))
+        return tuple(out)
 
-    def _radial_integral(self, prof, shape, R, g, tiny):
-        """``int_0^R rho f(rho g) drho`` by Gauss–Legendre panels: [0, r1] graded to the
-        central cusp, then logarithmic panels between the profile's radii and up to R."""
+    def _radial_integral(self, prof, shape, R, g, tiny, n_powers=1):
+        """``int_0^R rho^(1+k) f(rho g) drho`` for k < n_powers, by Gauss–Legendre panels:
+        [0, r1] graded to the central cusp, then logarithmic panels between the profile's radii
+        and up to R. Returns a list indexed by k."""
         o = self.options
         B = R.shape[0]
         nd = R.ndim + 1
@@ -457,22 +622,28 @@ class Renderer:
         gn = gg if g is None else g[..., None]
         r1 = bounds[0][..., None]
         rho = r1 * t ** power
-        total = (r1 * r1 * (power * t ** (2.0 * power - 1.0) * w)
-                 * prof.radial(rho * gn, p)).sum(-1)
+        base = r1 * r1 * (power * t ** (2.0 * power - 1.0) * w) * prof.radial(rho * gn, p)
+        totals = [(base * rho ** k).sum(-1) for k in range(n_powers)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             lo, hi = lo[..., None], hi[..., None]
             span = torch.log(hi / lo)
             rho = lo * torch.exp(span * t)
-            total = total + (span * (rho * rho * w) * prof.radial(rho * gn, p)).sum(-1)
-        return total
+            base = span * (rho * rho * w) * prof.radial(rho * gn, p)
+            totals = [tot + (base * rho ** k).sum(-1) for k, tot in enumerate(totals)]
+        return totals
 
     # -- convolution and point sources -------------------------------------------------
-    def _convolve(self, acc, points, values, sl, B):
+    def _convolve(self, acc, extra, points, values, sl, B):
         ny, nx = self.fft_shape
         hr, wr = self.render_shape
         psf_hat = self._psf_hat if self._psf_hat.shape[0] == 1 else self._psf_hat[sl]
         point_hat = self._point_hat if self._point_hat.shape[0] == 1 else self._point_hat[sl]
-        spec = None if acc is None else torch.fft.rfft2(acc, s=(ny, nx)) * psf_hat
+        spec = None
+        if acc is not None:
+            spec = torch.fft.rfft2(acc, s=(ny, nx))
+            if extra is not None:
+                spec = spec + extra
+            spec = spec * psf_hat
         for comp in points:
             flux = self._flux(values, f"{comp.name}.mag", sl)
             X = self._to_cells_x(values[f"{comp.name}.x0"][sl])

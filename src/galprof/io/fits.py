@@ -1,0 +1,47 @@
+"""FITS input and output."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from ..errors import DataError
+
+__all__ = ["read_image", "write_model_image"]
+
+_HDU_SUFFIX = re.compile(r"^(?P<path>.*)\[(?P<hdu>[^\]]+)\]$")
+
+
+def read_image(spec: str | os.PathLike) -> np.ndarray:
+    """Read a 2-D image from a FITS file; ``file.fits[N]`` or ``file.fits[NAME]`` selects an HDU
+    (default: the first HDU with 2-D data). Returns float64, array index ``[y, x]`` (FITS order,
+    row 0 = first, lowest row = pixel y = 1)."""
+    spec = str(spec)
+    m = _HDU_SUFFIX.match(spec)
+    path, hdu = (m.group("path"), m.group("hdu")) if m else (spec, None)
+    if not Path(path).is_file():
+        raise DataError(f"image file {path!r} does not exist")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            if hdu is not None:
+                key = int(hdu) if hdu.lstrip("-").isdigit() else hdu
+                data = hdul[key].data
+            else:
+                data = next((h.data for h in hdul if h.data is not None and np.ndim(h.data) == 2), None)
+    except (OSError, KeyError, IndexError) as exc:
+        raise DataError(f"cannot read {spec!r}: {exc}") from None
+    if data is None or np.ndim(data) != 2:
+        raise DataError(f"{spec!r} holds no 2-D image")
+    return np.asarray(data, dtype=np.float64)
+
+
+def write_model_image(path: str | os.PathLike, image: np.ndarray, header_cards: list[tuple[str, object, str]]) -> None:
+    """Write ``image`` as the primary HDU of ``path`` with the given header cards."""
+    hdu = fits.PrimaryHDU(np.asarray(image, dtype=np.float32))
+    for key, value, comment in header_cards:
+        hdu.header[key] = (value, comment)
+    hdu.writeto(path, overwrite=True)
