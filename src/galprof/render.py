@@ -40,7 +40,9 @@ from .special import boxy_area_factor, gauss_legendre, mag_to_flux
 __all__ = ["RenderOptions", "Renderer", "render", "prepare_psf", "PSF_KINDS", "fast_fft_size"]
 
 PSF_KINDS = ("star", "optical")
-_CORE_TRUNCATION = 2.5
+_CORE_TRUNCATION = 5.8  # the core window is 1e-6 there
+_BAND_LIMIT = 0.1  # PSF transform beyond 0.45 cycles/cell, relative to its total, to use the core
+_FOLD_BAND = (0.4, 0.5)  # cycles/cell: where the core spectrum is folded across Nyquist
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,16 @@ class RenderOptions:
         Half-size, in cells, of the window around each centre that is integrated exactly.
     angular_order, radial_order : int
         Quadrature points per triangle (angle) and per radial panel in that window.
+    fourier_core : bool or None
+        With a PSF, transform each component's steep core in Fourier space (below). ``None``
+        (default): for every galaxy whose PSF is band-limited (its transform beyond 0.45
+        cycles per cell below 10% of its total), which every well-sampled PSF is; a PSF that
+        is not (a delta function, an undersampled star) is applied to the cell integrals
+        directly, which is then exact.
     core_radius : float
-        With a PSF, the light of each component is split by the flat-topped window
-        ``w = t(dx) t(dy)``, ``t(d) = exp(-(d / core_radius)^4 / 2)`` (cells; truncated at
-        2.5 core_radius, where it is below 1e-8):
+        With a PSF, the light of each component is split by the flat-topped, band-limited
+        window ``w = t(dx) t(dy)``, ``t(d) = exp(-x) (1 + x)``, ``x = d^2 / (2 core_radius^2)``
+        (cells; truncated at 5.8 core_radius, where it is 1e-6):
         ``f (1 - w)``, which has no central cusp, is integrated over cells as without a PSF;
         ``f w`` (the steep core) is Fourier transformed by quadrature at the FFT frequencies,
         so that it is not aliased.
@@ -78,7 +86,8 @@ class RenderOptions:
     window: int = 3
     angular_order: int = 16
     radial_order: int = 12
-    core_radius: float = 3.0
+    fourier_core: bool | None = None
+    core_radius: float = 2.0
     core_sampling: int = 8
     core_order: int = 2
     core_exact: int = 2
@@ -235,6 +244,15 @@ class Renderer:
             if k % 2 == 0:
                 shift = torch.exp(-1j * math.pi * (fy[:, None] + fx[None, :]))
                 psf_hat = psf_hat * shift
+        edge = (torch.abs(fy)[:, None] >= 0.45) | (torch.abs(fx)[None, :] >= 0.45)
+        raw = torch.fft.rfft2(kernel_t)
+        ratio = (torch.abs(raw) * edge).amax(dim=(-2, -1)) / torch.abs(raw[:, 0, 0])
+        band_limited = ratio < _BAND_LIMIT
+        if self.options.fourier_core is not None:
+            band_limited = torch.full_like(band_limited, bool(self.options.fourier_core))
+        #: per PSF (1 or B): whether the Fourier-space core is used
+        self.fourier_core = band_limited
+        self._any_core = bool(band_limited.any())
         self._psf_hat = psf_hat
         self._cell_response = cell_response
         self._point_hat = psf_hat * cell_response
@@ -363,11 +381,12 @@ class Renderer:
         hr, wr = self.render_shape
         geom = (X, Y, q, sin, cos, c0)
         core = None
-        if self._psf_hat is not None:
+        if self._psf_hat is not None and self._any_core:
             # the core's transform is periodic in the FFT box: use it only for centres inside
             # the render grid (the box has room for the core on every side of that grid)
-            inside = ((X >= 0) & (X <= wr - 1) & (Y >= 0) & (Y <= hr - 1)).to(self.dtype)
-            core = inside
+            inside = (X >= 0) & (X <= wr - 1) & (Y >= 0) & (Y <= hr - 1)
+            use = self.fourier_core if self.fourier_core.shape[0] == 1 else self.fourier_core[sl]
+            core = (inside & use).to(self.dtype)
         xs = torch.arange(wr, dtype=self.dtype, device=self.device).expand(B, wr)
         ys = torch.arange(hr, dtype=self.dtype, device=self.device).expand(B, hr)
         flat = self._cells_gauss(prof, shape, geom, xs, ys, self.options.base_order, core).reshape(B, -1)
@@ -392,55 +411,75 @@ class Renderer:
         return image, spectrum
 
     def _taper(self, d):
-        """The core window along one axis: ``exp(-(d / core_radius)^4 / 2)``, flat at the centre."""
-        return torch.exp(-0.5 * (d / self.options.core_radius) ** 4)
+        """The core window along one axis, ``exp(-x) (1 + x)`` with ``x = d^2 / (2 r^2)``: flat to
+        fourth order at the centre, Gaussian-like (band-limited) in Fourier space, and cut to zero
+        beyond the truncation radius."""
+        r = self.options.core_radius
+        x = 0.5 * (d / r) ** 2
+        t = torch.exp(-x) * (1.0 + x)
+        return torch.where(torch.abs(d) < _CORE_TRUNCATION * r, t, torch.zeros_like(t))
 
     def _taper_derivatives(self, d):
-        """The window and its first two derivatives along one axis."""
-        s = self.options.core_radius
-        t = self._taper(d)
-        d1 = -2.0 * d ** 3 / s ** 4 * t
-        d2 = (-6.0 * d ** 2 / s ** 4 + 4.0 * d ** 6 / s ** 8) * t
+        """The window and its first two derivatives along one axis (inside the truncation)."""
+        r = self.options.core_radius
+        e = torch.exp(-0.5 * (d / r) ** 2)
+        t = e * (1.0 + 0.5 * (d / r) ** 2)
+        d1 = -d ** 3 / (2.0 * r ** 4) * e
+        d2 = (-1.5 * d ** 2 / r ** 4 + d ** 4 / (2.0 * r ** 6)) * e
         return t, d1, d2
 
     def _core_nodes(self):
-        """Quadrature offsets and weights (relative to the centre, cells) of the core transform,
-        and the cell centres and edges of the exactly integrated panels; cached per dtype."""
-        o = self.options
-        key = "_core_cache"
-        cache = getattr(self, key, None)
+        """Quadrature offsets and weights (cells, relative to the centre) of the core transform,
+        the exactly integrated central panels, and the frequencies at which the transform is
+        taken: the FFT's, plus their mirror images across the Nyquist frequency inside the fold
+        band (see :meth:`_core_spectrum`). Built once per renderer."""
+        cache = getattr(self, "_core_cache", None)
         if cache is not None:
             return cache
-        half = _CORE_TRUNCATION * o.core_radius
-        n_side = int(math.ceil(half * o.core_sampling))
+        o = self.options
+        dt, dev = self.dtype, self.device
+        n_side = int(math.ceil(_CORE_TRUNCATION * o.core_radius * o.core_sampling))
         h = 1.0 / o.core_sampling
-        t, w = gauss_legendre(o.core_order, dtype=self.dtype, device=self.device)
-        starts = (torch.arange(-n_side, n_side, dtype=self.dtype, device=self.device) * h)
+        t, w = gauss_legendre(o.core_order, dtype=dt, device=dev)
+        starts = torch.arange(-n_side, n_side, dtype=dt, device=dev) * h
         nodes = (starts[:, None] + h * t[None, :]).reshape(-1)
         weights = (h * w).repeat(2 * n_side) * self._taper(nodes)
-        exact = torch.zeros(2 * n_side, dtype=torch.bool, device=self.device)
+        exact = torch.zeros(2 * n_side, dtype=torch.bool, device=dev)
         exact[n_side - o.core_exact:n_side + o.core_exact] = True
         exact_nodes = exact.repeat_interleave(o.core_order)
-        # zero the tensor-product weights where the exact panels take over
-        wmat = weights[:, None] * weights[None, :]
-        wmat = wmat * ~(exact_nodes[:, None] & exact_nodes[None, :])
-        edges = torch.arange(-o.core_exact, o.core_exact + 1, dtype=self.dtype, device=self.device) * h
+        # the exact panels replace the tensor-product rule where both axes are central
+        wmat = weights[:, None] * weights[None, :] * ~(exact_nodes[:, None] & exact_nodes[None, :])
+        edges = torch.arange(-o.core_exact, o.core_exact + 1, dtype=dt, device=dev) * h
         centres = 0.5 * (edges[1:] + edges[:-1])
-        ny, nx = self.fft_shape
         fy, fx = self._fy, self._fx
-        ey = torch.exp(-2j * math.pi * fy[:, None] * nodes[None, :])        # (Ny, N)
-        ex = torch.exp(-2j * math.pi * fx[:, None] * nodes[None, :])        # (Nx', N)
-        eyc = torch.exp(-2j * math.pi * fy[:, None] * centres[None, :])     # (Ny, Ne)
-        exc = torch.exp(-2j * math.pi * fx[:, None] * centres[None, :])
-        cache = dict(nodes=nodes, wmat=wmat, edges=edges, ey=ey, ex=ex, eyc=eyc, exc=exc)
-        setattr(self, key, cache)
+        by, bx = _fold_weight(fy), _fold_weight(fx)
+        iy_m = torch.nonzero(by > 0).reshape(-1)
+        ix_m = torch.nonzero(bx > 0).reshape(-1)
+        fy_ext = torch.cat([fy, fy[iy_m] - torch.sign(fy[iy_m])])
+        fx_ext = torch.cat([fx, fx[ix_m] - torch.sign(fx[ix_m])])
+
+        def phases(f, x):
+            return torch.exp(-2j * math.pi * f[:, None] * x[None, :])
+
+        cache = dict(nodes=nodes, wmat=wmat, edges=edges, centres=centres, fy=fy_ext, fx=fx_ext,
+                     ey=phases(fy_ext, nodes), ex=phases(fx_ext, nodes),
+                     eyc=phases(fy_ext, centres), exc=phases(fx_ext, centres),
+                     response=torch.sinc(fy_ext)[:, None] * torch.sinc(fx_ext)[None, :],
+                     iy_m=iy_m, ix_m=ix_m, by=by[iy_m], bx=bx[ix_m])
+        self._core_cache = cache
         return cache
 
     def _core_spectrum(self, prof, shape, geom):
-        """Fourier transform of ``f w`` (times the cell response) at the FFT frequencies, in
-        units of the profile amplitude: tensor Gauss–Legendre quadrature over the core window,
-        with the panels at the centre replaced by exact cell integrals and their first and
-        second moments."""
+        """Fourier transform of the cell-integrated core ``f w`` at the FFT frequencies, in units
+        of the profile amplitude.
+
+        The transform is a tensor Gauss–Legendre quadrature over the core window, the panels at
+        the centre replaced by their exact integrals and first and second moments (about each
+        panel's centre, window included by a second-order Taylor expansion). It carries no
+        aliasing; near the Nyquist frequency (the fold band) the transform at the mirror
+        frequency is added with a weight rising smoothly to 1, so that the spectrum is periodic
+        and smooth across Nyquist, as that of sampled cell values is.
+        """
         X, Y, q, sin, cos, c0 = geom
         B = X.shape[0]
         c = self._core_nodes()
@@ -453,20 +492,16 @@ class Renderer:
         v = (-cb * dx - sb * dy) / qb
         f = prof.radial(self._radius(u, v, c0, tiny), p) * c["wmat"] / qb      # (B, N, N)
         cplx = self._psf_hat.dtype
-        spec = c["ey"] @ (f.to(cplx) @ c["ex"].T)                              # (B, Ny, Nx')
-        # exact panels at the centre, with moments about each panel's centre
-        edges = c["edges"]
-        ex_edges = (X[:, None] + edges[None, :])
-        ey_edges = (Y[:, None] + edges[None, :])
-        C, m1x, m1y, mxx, mxy, myy = self._cells_exact(prof, shape, geom, ex_edges, ey_edges, moments=True)
-        centres = 0.5 * (edges[1:] + edges[:-1])
-        ox, oy = centres[None, None, :], centres[None, :, None]    # panel centre offsets
-        m1x_c = m1x - ox * C
-        m1y_c = m1y - oy * C
+        spec = c["ey"] @ (f.to(cplx) @ c["ex"].T)                              # (B, Ny+, Nx'+)
+
+        edges, centres = c["edges"], c["centres"]
+        C, m1x, m1y, mxx, mxy, myy = self._cells_exact(
+            prof, shape, geom, X[:, None] + edges[None, :], Y[:, None] + edges[None, :], moments=True)
+        ox, oy = centres[None, None, :], centres[None, :, None]
+        m1x_c, m1y_c = m1x - ox * C, m1y - oy * C
         mxx_c = mxx - 2 * ox * m1x + ox * ox * C
         myy_c = myy - 2 * oy * m1y + oy * oy * C
         mxy_c = mxy - ox * m1y - oy * m1x + ox * oy * C
-        # include the window w (Taylor expansion to second order about each panel centre)
         tx, tx1, tx2 = self._taper_derivatives(ox)
         ty, ty1, ty2 = self._taper_derivatives(oy)
         w0, wx, wy = tx * ty, tx1 * ty, tx * ty1
@@ -477,8 +512,7 @@ class Renderer:
             w0 * m1y_c + wx * mxy_c + wy * myy_c,
         )
         mxx_c, mxy_c, myy_c = w0 * mxx_c, w0 * mxy_c, w0 * myy_c
-        fy = self._fy[:, None]
-        fx = self._fx[None, :]
+        fy, fx = c["fy"][:, None], c["fx"][None, :]
         eyc, exc = c["eyc"], c["exc"]
 
         def tr(m):
@@ -488,9 +522,18 @@ class Renderer:
         spec = spec + (tr(C) - 1j * two_pi * (fx * tr(m1x_c) + fy * tr(m1y_c))
                        - 0.5 * two_pi ** 2 * (fx * fx * tr(mxx_c) + 2 * fx * fy * tr(mxy_c)
                                               + fy * fy * tr(myy_c)))
-        phase_y = torch.exp(-2j * math.pi * self._fy[None, :] * Y[:, None])
-        phase_x = torch.exp(-2j * math.pi * self._fx[None, :] * X[:, None])
-        return spec * phase_y[:, :, None] * phase_x[:, None, :] * self._cell_response
+        phase_y = torch.exp(-2j * math.pi * c["fy"][None, :] * Y[:, None])
+        phase_x = torch.exp(-2j * math.pi * c["fx"][None, :] * X[:, None])
+        spec = spec * phase_y[:, :, None] * phase_x[:, None, :] * c["response"]
+        # fold the mirror frequencies onto the FFT grid
+        ny, nxh = self._fy.shape[0], self._fx.shape[0]
+        base = spec[:, :ny, :nxh]
+        mx = spec[:, :ny, nxh:] * c["bx"]
+        my = spec[:, ny:, :nxh] * c["by"][:, None]
+        mxy = spec[:, ny:, nxh:] * c["by"][:, None] * c["bx"]
+        base = base.index_add(2, c["ix_m"], mx)
+        base = base.index_add(1, c["iy_m"], my.index_add(2, c["ix_m"], mxy))
+        return base
 
     def _window_cells(self, ic, jc, half):
         """Flat indices, in-grid flags and cell-centre coordinates of the (2 half + 1)^2 window
@@ -669,6 +712,16 @@ class Renderer:
         dy = (torch.arange(self.height, dtype=self.dtype, device=self.device) + 1.0)[None, :, None] \
             - centre[:, 1, None, None]
         return comp.profile.evaluate(dx, dy, p).expand(-1, self.height, self.width)
+
+
+def _fold_weight(f: torch.Tensor) -> torch.Tensor:
+    """Weight of the mirror frequency: 0 below the fold band, rising smoothly (all derivatives
+    continuous) to 1 at its top and above."""
+    lo, hi = _FOLD_BAND
+    t = ((torch.abs(f) - lo) / (hi - lo)).clamp(0.0, 1.0)
+    a = torch.where(t > 0, torch.exp(-1.0 / t.clamp(min=1e-12)), torch.zeros_like(t))
+    b = torch.where(t < 1, torch.exp(-1.0 / (1.0 - t).clamp(min=1e-12)), torch.zeros_like(t))
+    return a / (a + b)
 
 
 def _replace(flat: torch.Tensor, index: torch.Tensor, ok: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
