@@ -1,0 +1,50 @@
+"""`galprof render`, run in-process on the bundled SDSS example."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import galprof
+from galprof.cli import main
+
+from conftest import EXAMPLES
+
+PSF = EXAMPLES / "sdss" / "J162123.19+322056.4_psf.fits"
+MODEL = EXAMPLES / "J162123_sersic.yaml"
+
+
+def test_render_writes_model_with_parameters(tmp_path):
+    out = tmp_path / "model.fits"
+    assert main(["render", str(MODEL), "--shape", "128", "128", "--psf", str(PSF), "--out", str(out),
+                 "--components"]) == 0
+    with fits.open(out) as hdul:
+        data = hdul[0].data.astype(float)
+        header = hdul[0].header
+        assert [h.name for h in hdul] == ["PRIMARY", "GALAXY", "SKY"]
+    assert data.shape == (128, 128)
+    assert header["COMP_1"] == "galaxy" and header["PROF_1"] == "sersic"
+    assert header["1_RE"] == 7.6 and header["1_PA"] == 63.0 and header["ZEROPT"] == 22.5
+    # the same image as the library's, within float32 storage
+    model = galprof.load_model(MODEL)
+    ref = galprof.render(model, (128, 128), fits.getdata(PSF))
+    np.testing.assert_allclose(data, ref, rtol=1e-6, atol=1e-7 * ref.max())
+    # its light sits where the galaxy is in the real image
+    image = fits.getdata(EXAMPLES / "sdss" / "J162123.19+322056.4_image.fits")
+    assert np.unravel_index(np.argmax(data), data.shape) == np.unravel_index(np.argmax(image), image.shape)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["render", "missing.yaml", "--shape", "10", "10", "--out", "x.fits"], "does not exist"),
+    (["render", str(MODEL), "--shape", "10", "10", "--psf", "nope.fits", "--out", "x.fits"], "does not exist"),
+])
+def test_bad_input_exits_2_with_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_model_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("components:\n  g: {profile: sersic, x0: 1}\n")
+    assert main(["render", str(bad), "--shape", "8", "8", "--out", str(tmp_path / "o.fits")]) == 2
+    assert "needs a value" in capsys.readouterr().err
