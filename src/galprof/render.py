@@ -74,6 +74,9 @@ class RenderOptions:
         so that it is not aliased.
     core_sampling, core_order : int
         Quadrature panels per cell and Gauss–Legendre points per panel for the core transform.
+    core_dense : float
+        Distance (cells) from the centre within which those panels are used; beyond it, panels
+        are twice as wide.
     core_exact : int
         Panels on each side of the centre whose integrals and moments (to second order) come
         from the exact-geometry quadrature instead.
@@ -89,6 +92,7 @@ class RenderOptions:
     fourier_core: bool | None = None
     core_radius: float = 2.0
     core_sampling: int = 8
+    core_dense: float = 3.0
     core_order: int = 2
     core_exact: int = 2
     chunk: int = 128
@@ -438,12 +442,18 @@ class Renderer:
             return cache
         o = self.options
         dt, dev = self.dtype, self.device
-        n_side = int(math.ceil(_CORE_TRUNCATION * o.core_radius * o.core_sampling))
+        # panels of 1/core_sampling cells within core_dense of the centre, twice that beyond
         h = 1.0 / o.core_sampling
+        n_fine = int(math.ceil(o.core_dense * o.core_sampling))
+        n_coarse = int(math.ceil((_CORE_TRUNCATION * o.core_radius - n_fine * h) / (2 * h)))
+        right = torch.cat([torch.arange(n_fine + 1, dtype=dt, device=dev) * h,
+                           n_fine * h + torch.arange(1, n_coarse + 1, dtype=dt, device=dev) * 2 * h])
+        panel_edges = torch.cat([-right.flip(0)[:-1], right])
+        lo, width = panel_edges[:-1], panel_edges[1:] - panel_edges[:-1]
         t, w = gauss_legendre(o.core_order, dtype=dt, device=dev)
-        starts = torch.arange(-n_side, n_side, dtype=dt, device=dev) * h
-        nodes = (starts[:, None] + h * t[None, :]).reshape(-1)
-        weights = (h * w).repeat(2 * n_side) * self._taper(nodes)
+        nodes = (lo[:, None] + width[:, None] * t[None, :]).reshape(-1)
+        weights = (width[:, None] * w[None, :]).reshape(-1) * self._taper(nodes)
+        n_side = lo.shape[0] // 2
         exact = torch.zeros(2 * n_side, dtype=torch.bool, device=dev)
         exact[n_side - o.core_exact:n_side + o.core_exact] = True
         exact_nodes = exact.repeat_interleave(o.core_order)
@@ -492,7 +502,9 @@ class Renderer:
         v = (-cb * dx - sb * dy) / qb
         f = prof.radial(self._radius(u, v, c0, tiny), p) * c["wmat"] / qb      # (B, N, N)
         cplx = self._psf_hat.dtype
-        spec = c["ey"] @ (f.to(cplx) @ c["ex"].T)                              # (B, Ny+, Nx'+)
+        ex = c["ex"]
+        half = torch.complex(f @ ex.real.T, f @ ex.imag.T)                     # f is real
+        spec = c["ey"] @ half                                                   # (B, Ny+, Nx'+)
 
         edges, centres = c["edges"], c["centres"]
         C, m1x, m1y, mxx, mxy, myy = self._cells_exact(
