@@ -87,7 +87,8 @@ def main(argv=None) -> int:
                                   "--repeat", str(args.repeat), "--options", args.options],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{r['batch']:>5} {r['dtype']:>8} {r['seconds']:>9.3f} {r['galaxies_per_s']:>9.1f} {r['peak_mb']:>9.0f}")
+            print(f"{r['batch']:>5} {r['dtype']:>8} {r['seconds']:>9.3f} {r['galaxies_per_s']:>9.1f} "
+                  f"{r['peak_mb']:>9.0f}")
     return 0
 
 

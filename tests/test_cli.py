@@ -5,9 +5,8 @@ import pytest
 from astropy.io import fits
 
 import galprof
-from galprof.cli import main
-
 from conftest import EXAMPLES
+from galprof.cli import main
 
 PSF = EXAMPLES / "sdss" / "J162123.19+322056.4_psf.fits"
 MODEL = EXAMPLES / "J162123_sersic.yaml"

@@ -11,6 +11,7 @@ from scipy.special import gammaincinv
 
 import galprof
 
+
 # Profile formulas, written here from their published definitions (not from galprof).
 def sersic(r, re, n):
     return np.exp(-gammaincinv(2 * n, 0.5) * ((r / re) ** (1 / n) - 1))

@@ -43,7 +43,8 @@ def test_yaml_model_file_and_ties(tmp_path):
 def test_expression_and_callable_ties():
     model = galprof.load_model({"components": {
         "a": {"profile": "sersic", "x0": 10, "y0": 10, "mag": 15, "re": 4, "n": 2},
-        "b": {"profile": "sersic", "x0": {"tie": "a.x0 + 1.5"}, "y0": {"tie": "a.y0"}, "mag": {"tie": "a.mag - 2.5 * log10(2)"},
+        "b": {"profile": "sersic", "x0": {"tie": "a.x0 + 1.5"}, "y0": {"tie": "a.y0"},
+              "mag": {"tie": "a.mag - 2.5 * log10(2)"},
               "re": {"tie": "sqrt(a.re) * 2"}, "n": 1}}})
     v = model.layout(1).values()
     assert float(v["b.x0"]) == 11.5
@@ -57,7 +58,8 @@ def test_expression_and_callable_ties():
 @pytest.mark.parametrize("bad, match", [
     ({"components": {"a": {"profile": "nope"}}}, "unknown profile"),
     ({"components": {"a": {"profile": "sersic", "x0": 1, "y0": 1, "mag": 1, "re": 1}}}, "'n' needs a value"),
-    ({"components": {"a": {"profile": "sersic", "x0": 1, "y0": 1, "mag": 1, "re": 1, "n": 1, "foo": 2}}}, "no parameter 'foo'"),
+    ({"components": {"a": {"profile": "sersic", "x0": 1, "y0": 1, "mag": 1, "re": 1, "n": 1, "foo": 2}}},
+     "no parameter 'foo'"),
     ({"components": {"a": {"profile": "sky", "sky": {"tie": "b.sky"}}}}, "not a parameter"),
     ({"components": {"a": {"profile": "sky", "sky": {"tie": "a.sky"}}}}, "cycle"),
     ({"components": {"a": {"profile": "sky", "sky": {"tie": "__import__('os')"}}}}, "not allowed"),
@@ -110,7 +112,8 @@ def test_per_galaxy_values_and_bounds_check():
 
 
 def test_subset_layout():
-    model = galprof.load_model({"components": {"g": {"profile": "sersic", "x0": 5, "y0": 5, "mag": 10, "re": 2, "n": 1}}})
+    model = galprof.load_model({"components": {"g": {"profile": "sersic", "x0": 5, "y0": 5, "mag": 10,
+                                                     "re": 2, "n": 1}}})
     layout = model.layout(4)
     layout.set_values("g.re", [1.0, 2.0, 3.0, 4.0])
     sub = layout.subset(torch.tensor([1, 3]))

@@ -48,7 +48,8 @@ def galprof_batch(cases, psf=None, **kw):
                                                      "re": 1.0, "n": 1.0, "q": 1.0, "pa": 0.0}}})
     r = galprof.Renderer(model, [(NY, NX)] * len(cases), psf, **kw)
     cols = np.array([(*centre(d), -2.5 * np.log10(FLUX), re, n, q, pa) for re, n, q, d, pa in cases]).T
-    values = {f"g.{k}": torch.as_tensor(v, dtype=r.dtype) for k, v in zip(["x0", "y0", "mag", "re", "n", "q", "pa"], cols)}
+    names = ["x0", "y0", "mag", "re", "n", "q", "pa"]
+    values = {f"g.{k}": torch.as_tensor(v, dtype=r.dtype) for k, v in zip(names, cols)}
     values["g.c0"] = torch.zeros(len(cases), dtype=r.dtype)
     return r(values).numpy()
 

@@ -9,15 +9,15 @@ import torch
 from scipy.special import gammaincinv
 
 import galprof
-from galprof import GalprofWarning, ModelError, PSFError
-
 from conftest import sersic_model
+from galprof import GalprofWarning, ModelError, PSFError
 
 
 def one(profile, **p):
     base = {"x0": 20.3, "y0": 19.6, "mag": 0.0, "q": 0.55, "pa": 35.0}
     base.update(p)
-    return galprof.load_model({"zeropoint": 2.5 * math.log10(1000.0), "components": {"g": {"profile": profile, **base}}})
+    return galprof.load_model({"zeropoint": 2.5 * math.log10(1000.0),
+                               "components": {"g": {"profile": profile, **base}}})
 
 
 def gaussian_psf(size=21, sigma=1.6, dx=0.0, dy=0.0):
@@ -219,7 +219,8 @@ def test_psf_validation():
 
 def test_point_source_needs_a_psf_and_values_are_checked():
     with pytest.raises(ModelError, match="need a PSF"):
-        galprof.render(galprof.load_model({"components": {"s": {"profile": "psf", "x0": 5, "y0": 5, "mag": 0}}}), (9, 9))
+        point = galprof.load_model({"components": {"s": {"profile": "psf", "x0": 5, "y0": 5, "mag": 0}}})
+        galprof.render(point, (9, 9))
     with pytest.raises(galprof.ParameterError, match="g.n"):
         galprof.render(sersic_model(n=0.1), (20, 20))
     with pytest.raises(galprof.ParameterError, match="g.q"):

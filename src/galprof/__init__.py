@@ -9,7 +9,7 @@ from .errors import DataError, GalprofError, GalprofWarning, ModelError, Paramet
 from .model import Component, Model, load_model
 from .params import Parameter, ParameterLayout, ParamSpec, Tie
 from .profiles import EllipticalProfile, available_profiles, get_profile, register_profile
-from .render import RenderOptions, Renderer, render
+from .render import Renderer, RenderOptions, render
 
 __version__ = "0.1.0"
 

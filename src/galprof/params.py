@@ -454,6 +454,7 @@ class ParameterLayout:
         """A layout for the galaxies ``index`` of this batch (same parameters and transforms)."""
         new = object.__new__(ParameterLayout)
         new.__dict__.update(self.__dict__)
-        new._values = {k: v[index] for k, v in self._values.items()}
-        new.batch_size = int(next(iter(new._values.values())).shape[0]) if new._values else 0
+        rows = torch.arange(self.batch_size, device=self.device)[index]
+        new._values = {k: v[rows] for k, v in self._values.items()}
+        new.batch_size = int(rows.numel())
         return new

@@ -192,9 +192,7 @@ class Renderer:
         if self._points and psf is None:
             names = ", ".join(c.name for c in self._points)
             raise ModelError(f"point-source component(s) {names} need a PSF")
-        self._boxy = {c.name: not (c.params["c0"].tie is None and c.params["c0"].fixed is not False
-                                   and c.params["c0"].value in (None, 0, 0.0))
-                      for c in self._elliptical}
+        self._boxy = {c.name: not _is_fixed_zero(c.params["c0"]) for c in self._elliptical}
 
         iy = torch.arange(self.height, device=self.device)[:, None]
         ix = torch.arange(self.width, device=self.device)[None, :]
@@ -724,6 +722,15 @@ class Renderer:
         dy = (torch.arange(self.height, dtype=self.dtype, device=self.device) + 1.0)[None, :, None] \
             - centre[:, 1, None, None]
         return comp.profile.evaluate(dx, dy, p).expand(-1, self.height, self.width)
+
+
+def _is_fixed_zero(param) -> bool:
+    """Whether a parameter is fixed at 0 for every galaxy (then the cheaper ellipse is used)."""
+    if param.tie is not None or param.fixed is False:
+        return False
+    if param.value is None:
+        return True
+    return bool(np.all(np.asarray(torch.as_tensor(param.value).cpu()) == 0))
 
 
 def _fold_weight(f: torch.Tensor) -> torch.Tensor:

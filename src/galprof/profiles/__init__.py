@@ -1,5 +1,6 @@
 """Surface-brightness profiles (one registry; see :func:`register_profile`)."""
 
+from . import builtin  # noqa: F401  (registers the built-in profiles)
 from .base import (
     EllipticalProfile,
     PointProfile,
@@ -9,7 +10,6 @@ from .base import (
     get_profile,
     register_profile,
 )
-from . import builtin  # noqa: F401  (registers the built-in profiles)
 
 __all__ = [
     "Profile",
