@@ -265,17 +265,20 @@ class Renderer:
         return self.model.layout(self.batch_size, dtype=self.dtype, device=self.device).values()
 
     def __call__(self, values: Mapping[str, torch.Tensor] | None = None, *,
-                 check: bool = True) -> torch.Tensor:
+                 check: bool = True, index: torch.Tensor | None = None) -> torch.Tensor:
         """Model images ``(B, H, W)`` (zero outside each galaxy's stamp).
 
         ``values`` maps ``"comp.param"`` to scalars or (B,) tensors (physical units); by
-        default the model's own values. ``check=False`` skips the validity-domain check (a
-        host synchronisation), for loops whose parameters are bounded by construction.
+        default the model's own values. ``index`` (a 1-D integer tensor) renders only those
+        galaxies of the batch, ``values`` then holding one entry per indexed galaxy.
+        ``check=False`` skips the validity-domain check (a host synchronisation), for loops
+        whose parameters are bounded by construction.
         """
-        values = self._check_values(self.values() if values is None else values)
+        n = self.batch_size if index is None else int(index.shape[0])
+        values = self._check_values(self.values() if values is None else values, n)
         if check:
-            self.validate(values)
-        return self._chunked(values, None)
+            self.validate(values, n)
+        return self._chunked(values, None, index)
 
     def components(self, values: Mapping[str, torch.Tensor] | None = None, *,
                    check: bool = True) -> dict[str, torch.Tensor]:
@@ -283,12 +286,12 @@ class Renderer:
         values = self._check_values(self.values() if values is None else values)
         if check:
             self.validate(values)
-        return {c.name: self._chunked(values, [c.name]) for c in self.model.components}
+        return {c.name: self._chunked(values, [c.name], None) for c in self.model.components}
 
-    def validate(self, values: Mapping[str, torch.Tensor]) -> None:
+    def validate(self, values: Mapping[str, torch.Tensor], n: int | None = None) -> None:
         """Raise :class:`~galprof.errors.ParameterError` for any value outside its profile's
         validity domain (or non-finite)."""
-        values = self._check_values(values)
+        values = self._check_values(values, n)
         for comp in self.model.components:
             for s in comp.profile.params:
                 v = values[f"{comp.name}.{s.name}"]
@@ -310,14 +313,18 @@ class Renderer:
         return images[index, :ny, :nx].detach().cpu().numpy()
 
     # ------------------------------------------------------------------------------------
-    def _chunked(self, values, only) -> torch.Tensor:
-        B, n = self.batch_size, self.options.chunk
-        if B <= n:
-            return self._render(values, slice(0, B), only)
-        parts = [self._render(values, slice(i, min(i + n, B)), only) for i in range(0, B, n)]
-        return torch.cat(parts, dim=0)
+    def _chunked(self, values, only, index) -> torch.Tensor:
+        n = next(iter(values.values())).shape[0]
+        step = self.options.chunk
+        parts = []
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            rows = slice(i, j) if index is None else index[i:j]
+            parts.append(self._render({k: v[i:j] for k, v in values.items()}, rows, only))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def _check_values(self, values):
+    def _check_values(self, values, n: int | None = None):
+        n = self.batch_size if n is None else n
         out = {}
         for c in self.model.components:
             for s in c.profile.params:
@@ -325,11 +332,16 @@ class Renderer:
                 if key not in values:
                     raise ParameterError(f"no value for {key}")
                 v = torch.as_tensor(values[key], dtype=self.dtype, device=self.device)
-                out[key] = v.expand(self.batch_size) if v.ndim == 0 else v
+                v = v.expand(n) if v.ndim == 0 else v
+                if v.shape != (n,):
+                    raise ParameterError(f"{key}: expected {n} values, got shape {tuple(v.shape)}")
+                out[key] = v
         return out
 
-    def _render(self, values, sl: slice, only) -> torch.Tensor:
-        B = sl.stop - sl.start
+    def _render(self, values, sl, only) -> torch.Tensor:
+        """Render the galaxies ``sl`` (a slice or index tensor into the batch); ``values`` hold
+        one entry per rendered galaxy."""
+        B = next(iter(values.values())).shape[0]
         hr, wr = self.render_shape
         acc = None
         extra = None
@@ -359,21 +371,21 @@ class Renderer:
         return (y - 0.5) * self.k - 0.5 + self.hy
 
     def _flux(self, values, key, sl):
-        return mag_to_flux(values[key][sl], self.model.zeropoint)
+        return mag_to_flux(values[key], self.model.zeropoint)
 
     # -- elliptical profiles ---------------------------------------------------------------
     def _integrate(self, comp, values, sl) -> torch.Tensor:
         prof: EllipticalProfile = comp.profile
         name = comp.name
         k = self.k
-        X = self._to_cells_x(values[f"{name}.x0"][sl])
-        Y = self._to_cells_y(values[f"{name}.y0"][sl])
-        q = values[f"{name}.q"][sl]
-        pa = torch.deg2rad(values[f"{name}.pa"][sl])
-        c0 = values[f"{name}.c0"][sl] if self._boxy[name] else None
+        X = self._to_cells_x(values[f"{name}.x0"])
+        Y = self._to_cells_y(values[f"{name}.y0"])
+        q = values[f"{name}.q"]
+        pa = torch.deg2rad(values[f"{name}.pa"])
+        c0 = values[f"{name}.c0"] if self._boxy[name] else None
         shape = {}
         for s in prof.shape_params:
-            v = values[f"{name}.{s.name}"][sl]
+            v = values[f"{name}.{s.name}"]
             shape[s.name] = v * k if s.kind == "length" else v
         log_norm = prof.log_radial_integral(shape)
         area = boxy_area_factor(c0) if c0 is not None else 1.0
@@ -699,8 +711,8 @@ class Renderer:
             spec = spec * psf_hat
         for comp in points:
             flux = self._flux(values, f"{comp.name}.mag", sl)
-            X = self._to_cells_x(values[f"{comp.name}.x0"][sl])
-            Y = self._to_cells_y(values[f"{comp.name}.y0"][sl])
+            X = self._to_cells_x(values[f"{comp.name}.x0"])
+            Y = self._to_cells_y(values[f"{comp.name}.y0"])
             phase_y = torch.exp(-2j * math.pi * self._fy[None, :] * Y[:, None])
             phase_x = torch.exp(-2j * math.pi * self._fx[None, :] * X[:, None])
             term = flux[:, None, None] * phase_y[:, :, None] * phase_x[:, None, :] * point_hat
@@ -715,7 +727,7 @@ class Renderer:
         return conv[:, k // 2::k, k // 2::k]
 
     def _sky(self, comp, values, sl):
-        p = {s.name: values[f"{comp.name}.{s.name}"][sl][:, None, None] for s in comp.profile.params}
+        p = {s.name: values[f"{comp.name}.{s.name}"][:, None, None] for s in comp.profile.params}
         centre = self._centre[sl]
         dx = (torch.arange(self.width, dtype=self.dtype, device=self.device) + 1.0)[None, None, :] \
             - centre[:, 0, None, None]
