@@ -233,3 +233,37 @@ def test_centre_position_independence_of_flux():
     sums = [galprof.render(sersic_model(x0=20.0 + d, y0=20.0 + d, re=0.6, n=6.0, q=0.3), (40, 40), psf).sum()
             for d in np.linspace(0, 1, 9)]
     assert np.ptp(sums) / np.mean(sums) < 2e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n, c0", [(4.0, 0.0), (8.0, 0.0), (20.0, 0.0), (2.0, 0.5)])
+def test_gradients_are_finite_for_steep_and_boxy_profiles(dtype, n, c0):
+    """Quadrature nodes at the centre of a cusp must not produce 0 * inf in derivatives."""
+    model = galprof.load_model({"components": {
+        "b": {"profile": "sersic", "x0": 20.3, "y0": 21.7, "mag": -5.0, "re": 3.0, "n": n, "q": 0.7, "pa": 20.0,
+              "c0": {"value": c0, "fixed": c0 == 0}},
+        "d": {"profile": "expdisk", "x0": 20.0, "y0": 21.0, "mag": -5.0, "rs": 5.0, "q": 0.5}}})
+    for psf in (gaussian_psf(41, 1.5), None):
+        r = galprof.Renderer(model, [(40, 40)], psf, dtype=dtype)
+        v = {k: t.clone().requires_grad_(True) for k, t in r.values().items()}
+        grads = torch.autograd.grad(((r(v, check=False) - 1) ** 2).sum(), list(v.values()), allow_unused=True)
+        assert all(g is None or torch.isfinite(g).all() for g in grads)
+        fixed = {k: t.detach() for k, t in v.items()}
+        jac = torch.func.jacfwd(lambda re, r=r, fixed=fixed: r({**fixed, "b.re": re}, check=False))(fixed["b.re"])
+        assert torch.isfinite(jac).all()
+
+
+def test_point_sources_outside_the_grid_do_not_wrap_around():
+    psf = gaussian_psf(11, 1.2)
+    for x0, expected in [(5.0, 1.0), (40.0, 0.0), (35.0, 0.0), (-20.0, 0.0)]:
+        model = galprof.load_model({"components": {"s": {"profile": "psf", "x0": x0, "y0": 5.0, "mag": 0.0}}})
+        assert galprof.render(model, (10, 10), psf).sum() == pytest.approx(expected, abs=1e-3)
+
+
+def test_boxiness_needs_a_free_or_nonzero_c0_in_the_model():
+    model = sersic_model()
+    r = galprof.Renderer(model, [(20, 20)])
+    values = r.values()
+    values["g.c0"] = torch.tensor([0.5], dtype=torch.float64)
+    with pytest.raises(galprof.ParameterError, match="c0 is fixed at 0"):
+        r(values)

@@ -6,6 +6,8 @@ semi-major, in pixels; mag = -2.5 log10(total flux) + zeropoint. See docs/conven
 """
 
 from .errors import DataError, GalprofError, GalprofWarning, ModelError, ParameterError, PSFError
+from .fit import FitResult, LMOptions, fit
+from .flags import Flag, Status
 from .model import Component, Model, load_model
 from .params import Parameter, ParameterLayout, ParamSpec, Tie
 from .profiles import EllipticalProfile, available_profiles, get_profile, register_profile
@@ -15,6 +17,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Component",
+    "FitResult",
+    "Flag",
+    "LMOptions",
+    "Status",
+    "fit",
     "DataError",
     "EllipticalProfile",
     "GalprofError",

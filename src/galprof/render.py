@@ -306,6 +306,10 @@ class Renderer:
                     raise ParameterError(
                         f"{comp.name}.{s.name} = {float(v[i]):g} (galaxy {i}) is outside the allowed "
                         f"range [{lo}, {hi}] of profile {comp.profile.name!r}")
+                if s.name == "c0" and comp.name in self._boxy and not self._boxy[comp.name] and bool((v != 0).any()):
+                    raise ParameterError(
+                        f"{comp.name}.c0 is fixed at 0 in the model, so the renderer draws ellipses; "
+                        "free c0 (or give it a non-zero value) in the model to render boxy shapes")
 
     def crop(self, images: torch.Tensor, index: int) -> np.ndarray:
         """Galaxy ``index``'s stamp from a batch of images, as a NumPy array."""
@@ -680,13 +684,15 @@ class Renderer:
         gg = 1.0 if g is None else g
         R = R.clamp(min=tiny)
         bounds = [torch.minimum(R, (r / gg)).clamp(min=tiny) for r in prof.radii(pr)] + [R]
-        cusp = torch.as_tensor(prof.cusp(pr), dtype=self.dtype, device=self.device)
-        power = (2.0 / cusp).clamp(1.0, 24.0).detach()
-        if power.ndim:
-            power = power.view(B, *([1] * (nd - 1)))
+        cusp = prof.cusp(pr)
+        if isinstance(cusp, torch.Tensor):
+            power = (2.0 / cusp).clamp(1.0, 24.0).detach().view(B, *([1] * (nd - 1)))
+        else:
+            power = min(max(2.0 / float(cusp), 1.0), 24.0)
         gn = gg if g is None else g[..., None]
         r1 = bounds[0][..., None]
-        rho = r1 * t ** power
+        # nodes at the very centre would underflow to 0, where a cusp's derivative is infinite
+        rho = (r1 * t ** power).clamp(min=tiny ** 0.5)
         base = r1 * r1 * (power * t ** (2.0 * power - 1.0) * w) * prof.radial(rho * gn, p)
         totals = [(base * rho ** k).sum(-1) for k in range(n_powers)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -710,9 +716,12 @@ class Renderer:
                 spec = spec + extra
             spec = spec * psf_hat
         for comp in points:
-            flux = self._flux(values, f"{comp.name}.mag", sl)
             X = self._to_cells_x(values[f"{comp.name}.x0"])
             Y = self._to_cells_y(values[f"{comp.name}.y0"])
+            # a source outside the render grid sends no light into the stamp; in the periodic
+            # FFT box it would wrap around, so it is left out
+            inside = (X >= 0) & (X <= wr - 1) & (Y >= 0) & (Y <= hr - 1)
+            flux = torch.where(inside, self._flux(values, f"{comp.name}.mag", sl), torch.zeros_like(X))
             phase_y = torch.exp(-2j * math.pi * self._fy[None, :] * Y[:, None])
             phase_x = torch.exp(-2j * math.pi * self._fx[None, :] * X[:, None])
             term = flux[:, None, None] * phase_y[:, :, None] * phase_x[:, None, :] * point_hat

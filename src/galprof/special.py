@@ -113,13 +113,21 @@ def _leggauss01(m: int) -> tuple[np.ndarray, np.ndarray]:
     return (x + 1.0) / 2.0, w / 2.0
 
 
+_GL_CACHE: dict = {}
+
+
 def gauss_legendre(m: int, *, dtype: torch.dtype, device: torch.device | str | None = None):
-    """Gauss–Legendre nodes and weights on [0, 1] (``m`` points, exact for degree 2m - 1)."""
-    x, w = _leggauss01(int(m))
-    return (
-        torch.as_tensor(x, dtype=dtype, device=device),
-        torch.as_tensor(w, dtype=dtype, device=device),
-    )
+    """Gauss–Legendre nodes and weights on [0, 1] (``m`` points, exact for degree 2m - 1).
+
+    Cached per (m, dtype, device), so repeated calls copy nothing from the host.
+    """
+    key = (int(m), dtype, str(torch.device(device) if device is not None else torch.device("cpu")))
+    hit = _GL_CACHE.get(key)
+    if hit is None:
+        x, w = _leggauss01(int(m))
+        hit = (torch.as_tensor(x, dtype=dtype, device=device), torch.as_tensor(w, dtype=dtype, device=device))
+        _GL_CACHE[key] = hit
+    return hit
 
 
 def mag_to_flux(mag, zeropoint):

@@ -152,11 +152,12 @@ class EllipticalProfile(Profile):
         total = 0.0
         # [0, r1]: graded towards the centre
         r1 = radii[0]
-        s = torch.as_tensor(self.cusp(p), dtype=ref.dtype, device=ref.device)
-        g = (2.0 / s).clamp(1.0, 24.0).detach()
-        if g.ndim:
-            g = g.unsqueeze(-1)
-        rr = r1 * t ** g
+        s = self.cusp(p)
+        if isinstance(s, torch.Tensor):
+            g = (2.0 / s).clamp(1.0, 24.0).detach().unsqueeze(-1)
+        else:
+            g = min(max(2.0 / float(s), 1.0), 24.0)
+        rr = (r1 * t ** g).clamp(min=torch.finfo(ref.dtype).tiny ** 0.5)
         total = total + (r1 * g * t ** (g - 1.0) * rr * self.radial(rr, pe) * w).sum(-1)
         for lo, hi in zip(radii[:-1], radii[1:]):
             rr = lo + (hi - lo) * t

@@ -1,0 +1,102 @@
+"""Batched Levenberg–Marquardt: per-galaxy damping, acceptance and convergence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..flags import Status
+from .problem import FitProblem
+
+__all__ = ["LMOptions", "levenberg_marquardt"]
+
+
+@dataclass(frozen=True)
+class LMOptions:
+    """Settings of :func:`levenberg_marquardt`.
+
+    Attributes
+    ----------
+    max_iter : int
+        Iteration cap (each iteration is one trial step per galaxy).
+    ftol : float
+        Converged when an accepted step lowers chi2 by less than ``ftol`` (relative) ...
+    xtol : float
+        ... or moves every unconstrained parameter by less than ``xtol (|z| + xtol)``.
+    lambda0, lambda_up, lambda_down, lambda_max : float
+        Initial damping, its factors after a rejected / accepted step, and the damping above
+        which a galaxy whose chi2 no longer decreases is taken as converged.
+    """
+
+    max_iter: int = 100
+    ftol: float = 1e-9
+    xtol: float = 1e-8
+    lambda0: float = 1e-3
+    lambda_up: float = 10.0
+    lambda_down: float = 10.0
+    lambda_max: float = 1e10
+
+
+def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Tensor,
+                        options: LMOptions | None = None):
+    """Minimise chi2 for every galaxy of the batch at once.
+
+    Damping is Marquardt's (``A + lambda diag(A)``), one per galaxy; each iteration makes one
+    trial step per active galaxy, accepts it where chi2 decreases, and compacts the set of
+    active galaxies, so converged galaxies stop costing compute. ``J^T J`` and ``J^T r`` are
+    recomputed only for galaxies whose step was accepted.
+
+    Returns ``(z, chi2, n_iter, status)``; galaxies not ``active`` at the start keep their
+    start and status ``BAD_INPUT``.
+    """
+    o = options or LMOptions()
+    z = z0.clone()
+    B, P = z.shape
+    dev, dt = z.device, z.dtype
+    status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int64, device=dev)
+    status[~active] = int(Status.BAD_INPUT)
+    n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
+    lam = torch.full((B,), o.lambda0, dtype=dt, device=dev)
+    chi2 = torch.full((B,), float("inf"), dtype=dt, device=dev)
+    A = torch.zeros(B, P, P, dtype=dt, device=dev)
+    g = torch.zeros(B, P, dtype=dt, device=dev)
+    stale = active.clone()            # galaxies whose normal equations must be (re)computed
+    active = active.clone()
+    eye = torch.eye(P, dtype=dt, device=dev)
+    for _ in range(o.max_iter):
+        # one host synchronisation per iteration: which galaxies are still running
+        todo = torch.nonzero(stale & active).reshape(-1)
+        if todo.numel():
+            Ai, gi, c2 = problem.normal_equations(z[todo], todo)
+            A[todo], g[todo], chi2[todo] = Ai, gi, c2
+            bad = ~torch.isfinite(c2) | ~torch.isfinite(Ai).all(dim=(1, 2)) | ~torch.isfinite(gi).all(dim=1)
+            status[todo[bad]] = int(Status.NONFINITE)
+            active[todo[bad]] = False
+        idx = torch.nonzero(active).reshape(-1)
+        if idx.numel() == 0:
+            break
+        Ai, gi, lami = A[idx], g[idx], lam[idx]
+        diag = torch.diagonal(Ai, dim1=1, dim2=2).clamp(min=torch.finfo(dt).tiny)
+        M = Ai + lami[:, None, None] * torch.diag_embed(diag)
+        L, info = torch.linalg.cholesky_ex(M)
+        solvable = info == 0
+        L = torch.where(solvable[:, None, None], L, eye.expand_as(L))
+        step = torch.cholesky_solve(-gi[..., None], L)[..., 0]
+        step = torch.where(solvable[:, None], step, torch.zeros_like(step))
+        z_try = z[idx] + step
+        r_try = problem.residuals(z_try, idx)
+        chi2_try = (r_try * r_try).sum(1)
+        old = chi2[idx]
+        accept = solvable & torch.isfinite(chi2_try) & (chi2_try <= old)
+        small_f = (old - chi2_try) <= o.ftol * old
+        small_x = (step.abs() <= o.xtol * (z[idx].abs() + o.xtol)).all(dim=1)
+        done = (accept & (small_f | small_x)) | (~accept & (lami * o.lambda_up > o.lambda_max))
+        z[idx] = torch.where(accept[:, None], z_try, z[idx])
+        chi2[idx] = torch.where(accept, chi2_try, old)
+        lam[idx] = torch.where(accept, (lami / o.lambda_down).clamp(min=1e-12), lami * o.lambda_up)
+        stale[idx] = accept
+        n_iter[idx] += 1
+        status[idx[done]] = int(Status.CONVERGED)
+        active[idx[done]] = False
+    return z, chi2, n_iter, status

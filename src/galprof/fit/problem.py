@@ -1,0 +1,59 @@
+"""The least-squares problem of a batch: weighted residuals and their Jacobian."""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp
+
+from ..params import ParameterLayout
+from ..render import Renderer
+from .data import StampBatch
+
+__all__ = ["FitProblem"]
+
+
+class FitProblem:
+    """Weighted residuals ``sqrt(w) (model - data)`` of a batch as a function of the
+    unconstrained free parameters ``z`` (B, P), and their Jacobian by forward-mode autodiff
+    through the renderer (one pass per free parameter; the PSF is part of the model).
+
+    Every method takes ``index``, the galaxies of the batch that ``z`` holds (compacted
+    active sets): galaxies are independent, so a subset costs only its own share.
+    """
+
+    def __init__(self, renderer: Renderer, layout: ParameterLayout, batch: StampBatch):
+        self.renderer = renderer
+        self.layout = layout
+        self.batch = batch
+        self.sqrt_w = batch.weights.sqrt()
+        self.n_free = len(layout.free)
+
+    def values(self, z: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.layout.subset(index).physical(z)
+
+    def residuals(self, z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(b, H*W) weighted residuals of the galaxies ``index``."""
+        model = self.renderer(self.values(z, index), check=False, index=index)
+        r = (model - self.batch.images[index]) * self.sqrt_w[index]
+        return r.reshape(r.shape[0], -1)
+
+    def normal_equations(self, z: torch.Tensor, index: torch.Tensor):
+        """``J^T J`` (b, P, P), ``J^T r`` (b, P) and ``chi2`` (b,) at ``z``.
+
+        J is built one column at a time (forward mode), so memory is that of P residual
+        vectors, never of a dense (pixels x pixels) object.
+        """
+        b, P = z.shape
+        cols = []
+        r = None
+        for p in range(P):
+            tangent = torch.zeros_like(z)
+            tangent[:, p] = 1.0
+            r, dr = jvp(lambda zz: self.residuals(zz, index), (z,), (tangent,))
+            cols.append(dr)
+        if r is None:
+            r = self.residuals(z, index)
+            return (torch.zeros(b, 0, 0, dtype=z.dtype, device=z.device),
+                    torch.zeros(b, 0, dtype=z.dtype, device=z.device), (r * r).sum(1))
+        J = torch.stack(cols, dim=-1)                     # (b, N, P)
+        return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r[..., None])[..., 0], (r * r).sum(1)

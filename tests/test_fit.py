@@ -1,0 +1,73 @@
+"""Batched Levenberg–Marquardt fits: recovery of noiseless GalSim galaxies, bad input in a batch."""
+
+import math
+
+import numpy as np
+import pytest
+
+import galprof
+from galprof import Flag
+
+galsim = pytest.importorskip("galsim")
+
+# The fitter is correct but not yet fast (minutes per test on 2 cores): run with --runslow.
+pytestmark = pytest.mark.slow
+
+GSP = galsim.GSParams(folding_threshold=1e-4, maxk_threshold=1e-5, kvalue_accuracy=1e-8)
+MOFFAT = galsim.Moffat(beta=4.5, fwhm=3.5, gsparams=GSP)
+SIZE = 48
+TRUTHS = [dict(x0=24.3, y0=23.8, re=3.0, n=2.5, q=0.6, pa=30.0, flux=2000.0),
+          dict(x0=23.7, y0=24.4, re=6.0, n=1.0, q=0.4, pa=-50.0, flux=5000.0),
+          dict(x0=24.1, y0=24.0, re=1.5, n=4.0, q=0.8, pa=80.0, flux=1000.0)]
+START = {"zeropoint": 0.0, "components": {"g": {"profile": "sersic", "x0": 24.0, "y0": 24.0, "mag": -8.0,
+                                                "re": 4.0, "n": 2.0, "q": 0.7, "pa": 10.0}}}
+
+
+def galsim_image(t):
+    g = galsim.Sersic(t["n"], half_light_radius=t["re"] * math.sqrt(t["q"]), flux=t["flux"], gsparams=GSP)
+    g = g.shear(q=t["q"], beta=(t["pa"] + 90) * galsim.degrees)
+    im = galsim.ImageD(SIZE, SIZE, scale=1.0)
+    galsim.Convolve(g, MOFFAT, gsparams=GSP).drawImage(image=im, center=galsim.PositionD(t["x0"], t["y0"]))
+    return im.array
+
+
+def psf_image(kind):
+    obj = MOFFAT if kind == "optical" else galsim.Convolve(MOFFAT, galsim.Pixel(1.0), gsparams=GSP)
+    return obj.drawImage(nx=31, ny=31, scale=1.0, method="no_pixel").array
+
+
+@pytest.mark.parametrize("kind", ["star", "optical"])
+def test_noiseless_galsim_galaxies_are_recovered(kind):
+    images = [galsim_image(t) for t in TRUTHS]
+    sigmas = [np.full((SIZE, SIZE), 0.01)] * len(TRUTHS)
+    res = galprof.fit(galprof.load_model(START), images, sigmas, psf=psf_image(kind), psf_kind=kind,
+                      initial={"g.pa": [20.0, -40.0, 70.0]})
+    assert (res.status == 0).all(), res.messages
+    for i, t in enumerate(TRUTHS):
+        v = {k: res.values[f"g.{k}"][i] for k in ("x0", "y0", "mag", "re", "n", "q", "pa")}
+        assert abs(v["re"] / t["re"] - 1) < 3e-3
+        assert abs(v["n"] / t["n"] - 1) < 3e-3
+        assert abs(v["q"] / t["q"] - 1) < 1e-3
+        assert abs(v["mag"] + 2.5 * math.log10(t["flux"])) < 2e-3
+        assert abs(v["x0"] - t["x0"]) < 0.01 and abs(v["y0"] - t["y0"]) < 0.01
+        assert all(np.isfinite(res.errors[f"g.{k}"][i]) for k in ("x0", "y0", "mag", "re", "n", "q", "pa"))
+
+
+def test_bad_galaxies_are_flagged_and_do_not_disturb_the_others():
+    good = [galsim_image(t) for t in TRUTHS[:2]]
+    psf = psf_image("star")
+    sig = np.full((SIZE, SIZE), 0.01)
+    alone = galprof.fit(galprof.load_model(START), good, [sig, sig], psf=psf)
+    nan_image = np.full((SIZE, SIZE), np.nan)
+    zero_psf = np.zeros_like(psf)
+    images = [good[0], nan_image, good[1], good[0]]
+    res = galprof.fit(galprof.load_model(START), images, [sig] * 4, psf=[psf, psf, psf, zero_psf],
+                      initial={"g.re": [4.0, 4.0, 4.0, 4.0], "g.n": [2.0, 2.0, 2.0, 50.0]})
+    assert res.status.tolist()[1] == 3 and res.flags[1] & Flag.NO_DATA
+    assert res.status.tolist()[3] == 3 and res.flags[3] & Flag.BAD_PSF and res.flags[3] & Flag.BAD_START
+    for i, j in [(0, 0), (2, 1)]:
+        for key in res.keys:
+            np.testing.assert_allclose(res.values[key][i], alone.values[key][j], rtol=1e-10, atol=1e-10)
+    table = res.to_table()
+    assert "no usable pixel" in table["message"][1] and table["status"][1] == "bad_input"
+    assert {"g_re", "g_re_err", "chi2", "dof", "chi2_nu", "n_iter", "status", "flags"} <= set(table.colnames)
