@@ -255,6 +255,7 @@ class Renderer:
         #: per PSF (1 or B): whether the Fourier-space core is used
         self.fourier_core = band_limited
         self._any_core = bool(band_limited.any())
+        self._all_core = bool(band_limited.all())
         self._psf_hat = psf_hat
         self._cell_response = cell_response
         self._point_hat = psf_hat * cell_response
@@ -392,6 +393,7 @@ class Renderer:
             v = values[f"{name}.{s.name}"]
             shape[s.name] = v * k if s.kind == "length" else v
         log_norm = prof.log_radial_integral(shape)
+        shape = {**shape, **prof.derived(shape)}
         area = boxy_area_factor(c0) if c0 is not None else 1.0
         amp = self._flux(values, f"{name}.mag", sl) / (area * torch.exp(log_norm))
         sin, cos = torch.sin(pa), torch.cos(pa)
@@ -413,15 +415,18 @@ class Renderer:
             index, ok, xw, yw = self._window_cells(ic, jc, half)
             cells = self._cells_gauss(prof, shape, geom, xw, yw, order, core)
             flat = _replace(flat, index, ok, cells)
-        index, ok, xw, yw = self._window_cells(ic, jc, self.options.window)
-        edges_x = torch.cat([xw - 0.5, xw[:, -1:] + 0.5], dim=1)
-        edges_y = torch.cat([yw - 0.5, yw[:, -1:] + 0.5], dim=1)
-        cells = self._cells_exact(prof, shape, geom, edges_x, edges_y)[0] * q[:, None, None]
-        if core is not None:
-            # with the core transformed separately, f (1 - w) has no cusp: the Gauss–Legendre
-            # cells stand, and the exact window is only for centres outside the grid
-            ok = ok & (core == 0)[:, None]
-        flat = _replace(flat, index, ok, cells)
+        # with the core transformed separately, f (1 - w) has no cusp and the Gauss–Legendre
+        # cells stand; the exact window is needed only for galaxies without the core. When every
+        # PSF of the batch is band-limited, those are only galaxies centred outside the render
+        # grid, whose cusp sends no light into the stamp: the window is then skipped.
+        if core is None or not self._all_core:
+            index, ok, xw, yw = self._window_cells(ic, jc, self.options.window)
+            edges_x = torch.cat([xw - 0.5, xw[:, -1:] + 0.5], dim=1)
+            edges_y = torch.cat([yw - 0.5, yw[:, -1:] + 0.5], dim=1)
+            cells = self._cells_exact(prof, shape, geom, edges_x, edges_y)[0] * q[:, None, None]
+            if core is not None:
+                ok = ok & (core == 0)[:, None]
+            flat = _replace(flat, index, ok, cells)
         image = (flat * (amp / q)[:, None]).reshape(B, hr, wr)
         if core is None:
             return image, None

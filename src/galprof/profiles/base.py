@@ -129,6 +129,11 @@ class EllipticalProfile(Profile):
         """Unnormalised radial shape ``f(r)``, finite at ``r = 0``."""
         raise NotImplementedError
 
+    def derived(self, p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Quantities computed once per render from the (B,) parameters and passed to
+        :meth:`radial` with them (e.g. the Sérsic ``b_n``); none by default."""
+        return {}
+
     def radii(self, p: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """Characteristic radii (ascending): the first is the core scale; a finite outer
         edge, if any, should be last. Used to place quadrature panels."""

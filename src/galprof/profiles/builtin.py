@@ -19,8 +19,8 @@ N = ParamSpec("n", kind="other", unit="", bounds=(0.25, 10.0), domain=SERSIC_N_R
               doc="Sérsic index")
 
 
-def _sersic(r, re, n):
-    return torch.exp(-sersic_bn(n) * (r / re) ** (1.0 / n))
+def _sersic(r, re, n, bn=None):
+    return torch.exp(-(sersic_bn(n) if bn is None else bn) * (r / re) ** (1.0 / n))
 
 
 def _sersic_log_integral(re, n):
@@ -35,8 +35,11 @@ class Sersic(EllipticalProfile):
     name = "sersic"
     shape_params = (RE, N)
 
+    def derived(self, p):
+        return {"bn": sersic_bn(p["n"])}
+
     def radial(self, r, p):
-        return _sersic(r, p["re"], p["n"])
+        return _sersic(r, p["re"], p["n"], p.get("bn"))
 
     def radii(self, p):
         return [p["re"]]
@@ -58,8 +61,11 @@ class DeVaucouleurs(EllipticalProfile):
     def _n(self, like):
         return torch.full_like(like, 4.0)
 
+    def derived(self, p):
+        return {"bn": sersic_bn(self._n(p["re"]))}
+
     def radial(self, r, p):
-        return _sersic(r, p["re"], self._n(p["re"]))
+        return _sersic(r, p["re"], self._n(p["re"]), p.get("bn"))
 
     def radii(self, p):
         return [p["re"]]

@@ -84,6 +84,9 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         L = torch.where(solvable[:, None, None], L, eye.expand_as(L))
         step = torch.cholesky_solve(-gi[..., None], L)[..., 0]
         step = torch.where(solvable[:, None], step, torch.zeros_like(step))
+        # trust region in the scaled max-norm: no parameter moves more than its scale per step
+        ratio = (step.abs() / problem.step_scale).amax(dim=1, keepdim=True)
+        step = step / ratio.clamp(min=1.0)
         z_try = z[idx] + step
         r_try = problem.residuals(z_try, idx)
         chi2_try = (r_try * r_try).sum(1)

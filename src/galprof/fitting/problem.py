@@ -11,6 +11,9 @@ from .data import StampBatch
 
 __all__ = ["FitProblem"]
 
+#: per-iteration step limits of unbounded parameters, by kind (pixels, magnitudes, degrees)
+_UNBOUNDED_STEP = {"x": 2.0, "y": 2.0, "mag": 0.5, "angle": 20.0, "length": 2.0}
+
 
 class FitProblem:
     """Weighted residuals ``sqrt(w) (model - data)`` of a batch as a function of the
@@ -27,6 +30,17 @@ class FitProblem:
         self.batch = batch
         self.sqrt_w = batch.weights.sqrt()
         self.n_free = len(layout.free)
+        #: largest step per iteration of each free parameter, in the optimiser's space:
+        #: 1 for bounded (transformed) parameters, a physical scale for unbounded ones
+        scales = []
+        for key in layout.free:
+            spec = layout.spec(key)
+            lo, hi = layout.bounds(key)
+            if lo is not None or hi is not None:
+                scales.append(1.0)
+            else:
+                scales.append(_UNBOUNDED_STEP.get(spec.kind, 1.0))
+        self.step_scale = torch.tensor(scales, dtype=batch.images.dtype, device=batch.images.device)
 
     def values(self, z: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.subset(index).physical(z)
@@ -44,16 +58,15 @@ class FitProblem:
         vectors, never of a dense (pixels x pixels) object.
         """
         b, P = z.shape
+        if P == 0:
+            r = self.residuals(z, index)
+            return (torch.zeros(b, 0, 0, dtype=z.dtype, device=z.device),
+                    torch.zeros(b, 0, dtype=z.dtype, device=z.device), (r * r).sum(1))
         cols = []
-        r = None
         for p in range(P):
             tangent = torch.zeros_like(z)
             tangent[:, p] = 1.0
             r, dr = jvp(lambda zz: self.residuals(zz, index), (z,), (tangent,))
             cols.append(dr)
-        if r is None:
-            r = self.residuals(z, index)
-            return (torch.zeros(b, 0, 0, dtype=z.dtype, device=z.device),
-                    torch.zeros(b, 0, dtype=z.dtype, device=z.device), (r * r).sum(1))
         J = torch.stack(cols, dim=-1)                     # (b, N, P)
         return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r[..., None])[..., 0], (r * r).sum(1)
