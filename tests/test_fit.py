@@ -10,9 +10,6 @@ from galprof import Flag
 
 galsim = pytest.importorskip("galsim")
 
-# The fitter is correct but not yet fast (minutes per test on 2 cores): run with --runslow.
-pytestmark = pytest.mark.slow
-
 GSP = galsim.GSParams(folding_threshold=1e-4, maxk_threshold=1e-5, kvalue_accuracy=1e-8)
 MOFFAT = galsim.Moffat(beta=4.5, fwhm=3.5, gsparams=GSP)
 SIZE = 48
