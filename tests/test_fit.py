@@ -68,3 +68,14 @@ def test_bad_galaxies_are_flagged_and_do_not_disturb_the_others():
     table = res.to_table()
     assert "no usable pixel" in table["message"][1] and table["status"][1] == "bad_input"
     assert {"g_re", "g_re_err", "chi2", "dof", "chi2_nu", "n_iter", "status", "flags"} <= set(table.colnames)
+
+
+def test_finite_difference_jacobian_gives_the_same_fit():
+    images = [galsim_image(TRUTHS[0])]
+    sig = [np.full((SIZE, SIZE), 0.01)]
+    psf = psf_image("star")
+    a = galprof.fit(galprof.load_model(START), images, sig, psf=psf)
+    b = galprof.fit(galprof.load_model(START), images, sig, psf=psf, jacobian="finite-difference")
+    for key in a.free:
+        np.testing.assert_allclose(b.values[key], a.values[key], rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(b.errors[key], a.errors[key], rtol=1e-4)

@@ -24,7 +24,7 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
         psf=None, *, psf_kind: str = "star", psf_oversampling: int = 1,
         initial: Mapping[str, Sequence[float]] | None = None, ids: Sequence | None = None,
         options: LMOptions | None = None, render_options: RenderOptions | None = None,
-        scale_errors: bool = False, dtype: torch.dtype = torch.float64,
+        scale_errors: bool = False, jacobian: str = "autodiff", dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu") -> FitResult:
     """Fit ``model`` to every galaxy of a batch with Levenberg–Marquardt.
 
@@ -39,6 +39,8 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
     initial : mapping ``"comp.param" -> per-galaxy values`` overriding the model's starts
     ids : galaxy identifiers for the result table
     scale_errors : multiply the covariance by chi2_nu
+    jacobian : "autodiff" (forward mode, exact) or "finite-difference" (forward differences in the
+        optimiser's space, step sqrt(eps) max(|z|, 1): one render of all P perturbed copies)
 
     Returns
     -------
@@ -87,7 +89,7 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
     z0 = layout.initial()
     z0 = torch.where(active[:, None] & torch.isfinite(z0), z0, torch.zeros_like(z0))
 
-    problem = FitProblem(renderer, layout, batch)
+    problem = FitProblem(renderer, layout, batch, jacobian=jacobian)
     z, chi2, n_iter, status = levenberg_marquardt(problem, z0, active, options)
 
     # covariance at the optimum, from the same forward model (PSF included)

@@ -24,7 +24,11 @@ class FitProblem:
     active sets): galaxies are independent, so a subset costs only its own share.
     """
 
-    def __init__(self, renderer: Renderer, layout: ParameterLayout, batch: StampBatch):
+    def __init__(self, renderer: Renderer, layout: ParameterLayout, batch: StampBatch, *,
+                 jacobian: str = "autodiff"):
+        if jacobian not in ("autodiff", "finite-difference"):
+            raise ValueError(f"jacobian must be 'autodiff' or 'finite-difference', got {jacobian!r}")
+        self.jacobian = jacobian
         self.renderer = renderer
         self.layout = layout
         self.batch = batch
@@ -62,11 +66,22 @@ class FitProblem:
             r = self.residuals(z, index)
             return (torch.zeros(b, 0, 0, dtype=z.dtype, device=z.device),
                     torch.zeros(b, 0, dtype=z.dtype, device=z.device), (r * r).sum(1))
-        cols = []
-        for p in range(P):
-            tangent = torch.zeros_like(z)
-            tangent[:, p] = 1.0
-            r, dr = jvp(lambda zz: self.residuals(zz, index), (z,), (tangent,))
-            cols.append(dr)
-        J = torch.stack(cols, dim=-1)                     # (b, N, P)
+        if self.jacobian == "finite-difference":
+            # forward differences, all P perturbed copies rendered as one batch
+            eps = torch.finfo(z.dtype).eps
+            h = eps ** 0.5 * torch.maximum(z.abs(), torch.ones_like(z))           # (b, P)
+            zp = z[None].repeat(P, 1, 1)                                          # (P, b, P)
+            eye = torch.eye(P, dtype=z.dtype, device=z.device)
+            zp = zp + eye[:, None, :] * h[None]
+            r = self.residuals(z, index)
+            rp = self.residuals(zp.reshape(P * b, P), index.repeat(P)).reshape(P, b, -1)
+            J = ((rp - r[None]) / h.T[:, :, None]).permute(1, 2, 0)               # (b, N, P)
+        else:
+            cols = []
+            for p in range(P):
+                tangent = torch.zeros_like(z)
+                tangent[:, p] = 1.0
+                r, dr = jvp(lambda zz: self.residuals(zz, index), (z,), (tangent,))
+                cols.append(dr)
+            J = torch.stack(cols, dim=-1)                 # (b, N, P)
         return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r[..., None])[..., 0], (r * r).sum(1)
