@@ -67,6 +67,7 @@ def test_bad_galaxies_are_flagged_and_do_not_disturb_the_others():
             np.testing.assert_allclose(res.values[key][i], alone.values[key][j], rtol=1e-10, atol=1e-10)
     table = res.to_table()
     assert "no usable pixel" in table["message"][1] and table["status"][1] == "bad_input"
+    assert "g.n = 50 is not inside its bounds" in table["message"][3] and "sums to 0" in table["message"][3]
     assert {"g_re", "g_re_err", "chi2", "dof", "chi2_nu", "n_iter", "status", "flags"} <= set(table.colnames)
 
 

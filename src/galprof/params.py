@@ -428,6 +428,22 @@ class ParameterLayout:
             ok &= torch.isfinite(v)
         return ok
 
+    def out_of_bounds(self) -> dict[str, torch.Tensor]:
+        """Per free parameter, which galaxies' values are not strictly inside its bounds (or not
+        finite): ``{"comp.param": (B,) bool}``, only parameters with at least one such galaxy."""
+        out = {}
+        for key in self.free:
+            lo, hi = self._entries[key].bounds
+            v = self._values[key]
+            bad = ~torch.isfinite(v)
+            if lo is not None:
+                bad |= v <= lo
+            if hi is not None:
+                bad |= v >= hi
+            if bool(bad.any()):
+                out[key] = bad
+        return out
+
     def initial(self) -> torch.Tensor:
         """The unconstrained start ``z`` (B, P_free) from the current values.
 
