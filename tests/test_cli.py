@@ -47,3 +47,27 @@ def test_bad_model_file(tmp_path, capsys):
     bad.write_text("components:\n  g: {profile: sersic, x0: 1}\n")
     assert main(["render", str(bad), "--shape", "8", "8", "--out", str(tmp_path / "o.fits")]) == 2
     assert "needs a value" in capsys.readouterr().err
+
+
+def test_fit_catalogue_of_sdss_galaxies(tmp_path):
+    """`galprof fit` on the bundled SDSS galaxies (segmentation maps as masks, per-galaxy starts from
+    the catalogue), plus a row whose image is missing: that row is flagged, the others fit."""
+    from astropy.table import Table
+
+    cat = Table.read(EXAMPLES / "sdss" / "catalog.csv", format="ascii.csv")
+    for name in ("image", "sigma", "psf", "mask"):
+        cat[name] = [str(EXAMPLES / "sdss" / v) for v in cat[name]]
+    cat.add_row(["missing", str(tmp_path / "nope.fits"), "", "", "", 1, 65.0, 65.0, 18.0, 5.0, 0.7, 0.0])
+    cat.write(tmp_path / "cat.csv", format="ascii.csv")
+    out = tmp_path / "out"
+    assert main(["fit", str(EXAMPLES / "sersic.yaml"), "--catalog", str(tmp_path / "cat.csv"), "--out", str(out),
+                 "--jacobian", "finite-difference"]) == 0
+    res = Table.read(out / "results.fits")
+    assert list(res["id"]) == ["J162123", "J100247", "J092800", "missing"]
+    assert list(res["status"][:3]) == ["converged"] * 3
+    assert res["status"][3] == "bad_input" and "does not exist" in res["message"][3]
+    # sensible fits of real data: reduced chi2 near 1, centres near the stamp centre
+    assert np.all((res["chi2_nu"][:3] > 0.8) & (res["chi2_nu"][:3] < 2.0))
+    assert np.all(np.abs(res["galaxy_x0"][:3] - 65.5) < 1.5) and np.all(np.abs(res["galaxy_y0"][:3] - 65.5) < 1.5)
+    assert np.all(np.isfinite(res["galaxy_mag_err"][:2]))
+    assert Table.read(out / "results.csv", format="ascii.csv")["id"][0] == "J162123"

@@ -43,6 +43,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--components", action="store_true", help="also write one HDU per component")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
+
+    f = sub.add_parser("fit", help="fit a model to the galaxies of a catalogue")
+    f.add_argument("model", help="YAML model file (its values are the starting values)")
+    f.add_argument("--catalog", required=True,
+                   help="CSV or FITS table: id, image, and optional sigma, psf, mask, mask_label and "
+                        "<component>_<param> columns (paths relative to the catalogue's folder)")
+    f.add_argument("--out", required=True, help="output folder (results.fits, results.csv)")
+    f.add_argument("--psf", help="PSF for every galaxy without a psf column")
+    f.add_argument("--psf-kind", choices=PSF_KINDS, default="star")
+    f.add_argument("--psf-oversampling", type=int, default=1)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--optimizer", choices=["lm"], default="lm")
+    f.add_argument("--jacobian", choices=["autodiff", "finite-difference"], default="autodiff")
+    f.add_argument("--uncertainty", choices=["covariance", "none"], default="covariance")
+    f.add_argument("--max-iter", type=int, default=100)
     return p
 
 
@@ -86,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "render":
             return _render(args)
+        if args.command == "fit":
+            from .catalog import fit_catalog
+
+            return fit_catalog(args)
     except GalprofError as exc:
         print(f"galprof: error: {exc}", file=sys.stderr)
         return 2
