@@ -11,12 +11,15 @@ Pipeline for one batch (see docs/rendering.md for the derivations):
    into triangles with their apex at the centre, integrated in polar coordinates in the
    frame where the ellipse is a circle. The radial quadrature is graded to the profile's
    central cusp, so the cell values do not depend on where the centre falls in a cell.
-3. The sum of the convolved components is convolved with the PSF by FFT (a true
+3. With a band-limited PSF, each component's steep core (the profile times a smooth window
+   about its centre) is instead Fourier transformed directly at the FFT frequencies, so that
+   it is not aliased; the rest is integrated over cells as above.
+4. The sum of the convolved components is convolved with the PSF by FFT (a true
    convolution, no wrap-around into the stamp); point sources enter as phase ramps in
    Fourier space (sub-pixel shifts of the PSF). For a star-like PSF (which already contains
    the pixel response) the pixel response of the cell integration is divided out of the PSF
    transform, so that it is not counted twice.
-4. Fine grids are binned (optical PSF) or sampled at pixel centres (star-like PSF); sky
+5. Fine grids are binned (optical PSF) or sampled at pixel centres (star-like PSF); sky
    components are added on the pixel grid.
 
 No object of size (pixels x pixels) is ever made; memory is O(B H W).
@@ -379,7 +382,9 @@ class Renderer:
         return mag_to_flux(values[key], self.model.zeropoint)
 
     # -- elliptical profiles ---------------------------------------------------------------
-    def _integrate(self, comp, values, sl) -> torch.Tensor:
+    def _integrate(self, comp, values, sl) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cell integrals of one elliptical component on the render grid (B, Hr, Wr) and, when
+        its core is transformed separately, the core's spectrum (B, Ny, Nx // 2 + 1)."""
         prof: EllipticalProfile = comp.profile
         name = comp.name
         k = self.k
