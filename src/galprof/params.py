@@ -415,34 +415,29 @@ class ParameterLayout:
             out[key] = torch.as_tensor(v, dtype=self.dtype, device=self.device).expand(self.batch_size)
         return out
 
+    def _outside(self, key: str) -> torch.Tensor:
+        """(B,) bool: the value of free parameter ``key`` is not strictly inside its bounds."""
+        lo, hi = self._entries[key].bounds
+        v = self._values[key]
+        bad = ~torch.isfinite(v)
+        if lo is not None:
+            bad |= v <= lo
+        if hi is not None:
+            bad |= v >= hi
+        return bad
+
     def in_bounds(self) -> torch.Tensor:
         """Per galaxy: whether every free parameter's value lies strictly inside its bounds."""
         ok = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
         for key in self.free:
-            lo, hi = self._entries[key].bounds
-            v = self._values[key]
-            if lo is not None:
-                ok &= v > lo
-            if hi is not None:
-                ok &= v < hi
-            ok &= torch.isfinite(v)
+            ok &= ~self._outside(key)
         return ok
 
     def out_of_bounds(self) -> dict[str, torch.Tensor]:
         """Per free parameter, which galaxies' values are not strictly inside its bounds (or not
         finite): ``{"comp.param": (B,) bool}``, only parameters with at least one such galaxy."""
-        out = {}
-        for key in self.free:
-            lo, hi = self._entries[key].bounds
-            v = self._values[key]
-            bad = ~torch.isfinite(v)
-            if lo is not None:
-                bad |= v <= lo
-            if hi is not None:
-                bad |= v >= hi
-            if bool(bad.any()):
-                out[key] = bad
-        return out
+        masks = {key: self._outside(key) for key in self.free}
+        return {key: bad for key, bad in masks.items() if bool(bad.any())}
 
     def initial(self) -> torch.Tensor:
         """The unconstrained start ``z`` (B, P_free) from the current values.

@@ -495,7 +495,11 @@ class Renderer:
         def phases(f, x):
             return torch.exp(-2j * math.pi * f[:, None] * x[None, :])
 
-        cache = dict(nodes=nodes, wmat=wmat, edges=edges, centres=centres, fy=fy_ext, fx=fx_ext,
+        # the window and its derivatives at the exact panels' centres (x along the last axis)
+        tx, tx1, tx2 = self._taper_derivatives(centres[None, None, :])
+        ty, ty1, ty2 = self._taper_derivatives(centres[None, :, None])
+        taper = dict(w0=tx * ty, wx=tx1 * ty, wy=tx * ty1, wxx=tx2 * ty, wyy=tx * ty2, wxy=tx1 * ty1)
+        cache = dict(nodes=nodes, wmat=wmat, edges=edges, centres=centres, fy=fy_ext, fx=fx_ext, taper=taper,
                      ey=phases(fy_ext, nodes), ex=phases(fx_ext, nodes),
                      eyc=phases(fy_ext, centres), exc=phases(fx_ext, centres),
                      response=torch.sinc(fy_ext)[:, None] * torch.sinc(fx_ext)[None, :],
@@ -538,10 +542,8 @@ class Renderer:
         mxx_c = mxx - 2 * ox * m1x + ox * ox * C
         myy_c = myy - 2 * oy * m1y + oy * oy * C
         mxy_c = mxy - ox * m1y - oy * m1x + ox * oy * C
-        tx, tx1, tx2 = self._taper_derivatives(ox)
-        ty, ty1, ty2 = self._taper_derivatives(oy)
-        w0, wx, wy = tx * ty, tx1 * ty, tx * ty1
-        wxx, wyy, wxy = tx2 * ty, tx * ty2, tx1 * ty1
+        tp = c["taper"]
+        w0, wx, wy, wxx, wyy, wxy = tp["w0"], tp["wx"], tp["wy"], tp["wxx"], tp["wyy"], tp["wxy"]
         C, m1x_c, m1y_c = (
             w0 * C + wx * m1x_c + wy * m1y_c + 0.5 * (wxx * mxx_c + 2 * wxy * mxy_c + wyy * myy_c),
             w0 * m1x_c + wx * mxx_c + wy * mxy_c,

@@ -77,10 +77,11 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
     layout = model.layout(B, dtype=dtype, device=device)
     for key, v in (initial or {}).items():
         layout.set_values(key, v)
+    starts = layout.values()
     for key, bad in layout.out_of_bounds().items():
         lo, hi = layout.bounds(key)
         for i in torch.nonzero(bad).reshape(-1).tolist():
-            note(i, Flag.BAD_START, f"start {key} = {float(layout.values()[key][i]):g} is not inside its "
+            note(i, Flag.BAD_START, f"start {key} = {float(starts[key][i]):g} is not inside its "
                                     f"bounds ({lo}, {hi}); start strictly inside them")
     P = len(layout.free)
     for i in torch.nonzero(batch.n_pixels <= P).reshape(-1).tolist():

@@ -65,7 +65,8 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
     active = active.clone()
     eye = torch.eye(P, dtype=dt, device=dev)
     for _ in range(o.max_iter):
-        # one host synchronisation per iteration: which galaxies are still running
+        # two host synchronisations per iteration: which galaxies need new normal equations,
+        # and which are still running
         todo = torch.nonzero(stale & active).reshape(-1)
         if todo.numel():
             Ai, gi, c2 = problem.normal_equations(z[todo], todo)
