@@ -18,6 +18,10 @@ class Flag(IntFlag):
     NONFINITE = 32        #: the model or chi2 became non-finite
     SINGULAR = 64         #: the normal matrix is singular: no covariance
     AT_BOUND = 128        #: a parameter ended within 1e-6 (relative) of a bound
+    BAD_FILE = 256        #: an input file is missing or unreadable, or its shape does not match: not fitted
+    BAD_VALUE = 512       #: a catalogue value is missing or invalid (e.g. no sigma and no gain): not fitted
+    EDGE = 1024           #: the cutout runs off its image; the pixels outside it are masked
+    FIT_ERROR = 2048      #: fitting this galaxy raised an error (see the message): not fitted
 
 
 class Status(IntEnum):
