@@ -11,7 +11,7 @@ from astropy.io import fits
 
 from ..errors import DataError
 
-__all__ = ["read_image", "write_model_image"]
+__all__ = ["read_image", "read_image_and_header", "write_model_image"]
 
 _HDU_SUFFIX = re.compile(r"^(?P<path>.*)\[(?P<hdu>[^\]]+)\]$")
 
@@ -20,6 +20,11 @@ def read_image(spec: str | os.PathLike) -> np.ndarray:
     """Read a 2-D image from a FITS file; ``file.fits[N]`` or ``file.fits[NAME]`` selects an HDU
     (default: the first HDU with 2-D data). Returns float64, array index ``[y, x]`` (FITS order,
     row 0 = first, lowest row = pixel y = 1)."""
+    return read_image_and_header(spec)[0]
+
+
+def read_image_and_header(spec: str | os.PathLike) -> tuple[np.ndarray, fits.Header]:
+    """:func:`read_image`, also returning the header of the HDU that was read."""
     spec = str(spec)
     m = _HDU_SUFFIX.match(spec)
     path, hdu = (m.group("path"), m.group("hdu")) if m else (spec, None)
@@ -29,14 +34,15 @@ def read_image(spec: str | os.PathLike) -> np.ndarray:
         with fits.open(path, memmap=False) as hdul:
             if hdu is not None:
                 key = int(hdu) if hdu.lstrip("-").isdigit() else hdu
-                data = hdul[key].data
+                data, header = hdul[key].data, hdul[key].header
             else:
-                data = next((h.data for h in hdul if h.data is not None and np.ndim(h.data) == 2), None)
+                data, header = next(((h.data, h.header) for h in hdul
+                                     if h.data is not None and np.ndim(h.data) == 2), (None, None))
     except (OSError, KeyError, IndexError) as exc:
         raise DataError(f"cannot read {spec!r}: {exc}") from None
     if data is None or np.ndim(data) != 2:
         raise DataError(f"{spec!r} holds no 2-D image")
-    return np.asarray(data, dtype=np.float64)
+    return np.asarray(data, dtype=np.float64), header
 
 
 def write_model_image(path: str | os.PathLike, image: np.ndarray, header_cards: list[tuple[str, object, str]]) -> None:
