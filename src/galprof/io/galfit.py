@@ -657,6 +657,8 @@ def _constraint_line(model, comp, pname, number, names) -> str | None:
     gp = _galfit_param_name(gtype, pname)
     if p.tie is not None:
         expr = p.tie.expr
+        if not isinstance(expr, str) and pname == "mag" and gtype in ("ferrer", "king"):
+            return None  # a fixed mu(0) with a free shape: written as mu(0) with toggle 0
         if not isinstance(expr, str):
             raise ModelError(f"{comp.name}.{pname}: a tie written as a function cannot go to a GALFIT constraint file")
         for i, form in enumerate(_TIE_FORMS):

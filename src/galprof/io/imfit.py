@@ -351,8 +351,8 @@ def _mag_parameter(f, profile, params, ipar, radius, zeropoint, notes) -> Parame
         if v.limits is not None and v.limits[0] > 0:
             return Parameter(value=mag, bounds=tuple(sorted(float(flux_to_mag(x, zeropoint)) for x in v.limits)))
         if v.limits is not None and v.limits[1] < math.inf:
-            notes.append(f"limits of {ipar} ({f.component}): the upper limit {v.limits[1]:g} is kept as a "
-                         f"lower bound on mag, the lower limit {v.limits[0]:g} is implied")
+            notes.append(f"{ipar} ({f.component}): the upper limit {v.limits[1]:g} is a lower bound on mag, the "
+                         f"lower limit {v.limits[0]:g} is implied")
             return Parameter(value=mag, bounds=(float(flux_to_mag(v.limits[1], zeropoint)), None))
         return Parameter(value=mag)
     shape_keys = {s.name: f"{f.component}.{s.name}" for s in profile.shape_params}
@@ -449,11 +449,11 @@ def _intensity_with_error(profile, comp, values, zeropoint, radius, cov, pos, po
 
     val = fn(x)
     if cov is None:
-        return float(val), float("nan")
+        return float(val.detach()), float("nan")
     (grad,) = torch.autograd.grad(val, x)
     g = np.zeros(len(pos))
     for j, k in enumerate(keys):
         if k in pos:
             g[pos[k]] = float(grad[j])
     var = float(g @ np.nan_to_num(cov) @ g)
-    return float(val), math.sqrt(max(var, 0.0))
+    return float(val.detach()), math.sqrt(max(var, 0.0))
