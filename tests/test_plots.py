@@ -123,3 +123,16 @@ def test_corner_plot_of_bootstrap_samples(tmp_path):
     assert (tmp_path / "corner.png").read_bytes()[:8] == PNG
     with pytest.raises(galprof.GalprofError):
         plots.corner_plot(samples, ["re", "n"])
+
+
+def test_plot_command(tmp_path):
+    from galprof.cli import main
+
+    a, b = results_table(), results_table(seed=2)
+    a.write(tmp_path / "a.fits")
+    b.write(tmp_path / "b.csv", format="ascii.csv")
+    assert main(["plot", str(tmp_path / "a.fits"), "--compare", str(tmp_path / "b.csv"), "--out",
+                 str(tmp_path / "plots")]) == 0
+    for name in ("parameters.png", "chi2nu.png", "compare.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG
+    assert main(["plot", str(tmp_path / "missing.fits"), "--out", str(tmp_path)]) == 2

@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
 
+    sub.add_parser("export", add_help=False, help="write a fitted galaxy as a GALFIT feedme: galprof export --galfit "
+                   "RESULTS --id ID --out F.feedme (see galprof export --help)")
+    sub.add_parser("plot", add_help=False, help="catalogue diagnostics of a results table: galprof plot RESULTS "
+                   "--out DIR [--compare OTHER] (see galprof plot --help)")
     f = sub.add_parser("fit", help="fit a model to the galaxies of a catalogue")
     f.add_argument("model", help="YAML model file (its values are the starting values)")
     f.add_argument("--catalog", required=True,
@@ -97,10 +101,15 @@ def _render(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = _parser().parse_args(argv)
+    from .single import single_command  # fit of a GALFIT feedme / IMFIT configuration, export
+
+    command = single_command(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv) if command is None else None
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if command is not None:
+            return command()
         if args.command == "render":
             return _render(args)
         if args.command == "fit":
