@@ -216,7 +216,7 @@ def test_header_cards():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     out = tmp_path_factory.mktemp("galfit_fit")
-    assert main(["fit", str(FEEDME), "--out", str(out), "--imgblock"]) == 0
+    assert main(["fit", str(FEEDME), "--out", str(out), "--imgblock", "--plots"]) == 0
     return out
 
 
@@ -243,6 +243,7 @@ def test_fit_writes_galfit_outputs(fitted):
         v, e = (float(s) for s in h[key].split("+/-"))
         assert v == pytest.approx(t[col][0], abs=6e-5) and e == pytest.approx(t[col + "_err"][0], abs=6e-5)
     assert h["2_SKY"] == "[0.0000]"
+    assert (fitted / "J162123_sersic_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_feedme_round_trip(fitted, tmp_path):

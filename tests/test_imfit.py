@@ -164,3 +164,37 @@ def test_no_warning_without_intensity_limits():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_imfit_config("X0 10\nY0 10\nFUNCTION Exponential\nPA 0\nell 0.2\nI_0 100\nh 5 1,50\n")
+
+
+def test_galprof_fit_of_an_imfit_config_recovers_imfits_image(tmp_path):
+    """``galprof fit CONFIG --image --mask --noise --errors-are-variances`` on pyimfit's own noiseless
+    Sérsic image, from other starting values: IMFIT's parameters come back (the options reach the
+    fit: masked pixels and the variance image)."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from galprof.cli import main
+
+    truth = read_imfit_config(CONFIGS["Sersic"])
+    fits.PrimaryHDU(GOLDEN["image_Sersic"]).writeto(tmp_path / "img.fits")
+    fits.PrimaryHDU(np.full(SHAPE, 1e-4)).writeto(tmp_path / "var.fits")
+    mask = np.zeros(SHAPE, np.int16)
+    mask[5:9, 60:66] = 1
+    fits.PrimaryHDU(mask).writeto(tmp_path / "mask.fits")
+    # starting values near IMFIT's (X0 36.3, Y0 31.6, PA 30, ell 0.4, n 2.5, I_e 10, r_e 6), to keep it short
+    (tmp_path / "start.dat").write_text("X0 36.2 30,40\nY0 31.7 25,40\nFUNCTION Sersic\nPA 29 -90,90\n"
+                                        "ell 0.41 0,0.9\nn 2.4 0.5,6\nI_e 10.5\nr_e 6.1 1,30\n")
+    assert main(["fit", str(tmp_path / "start.dat"), "--image", str(tmp_path / "img.fits"), "--mask",
+                 str(tmp_path / "mask.fits"), "--noise", str(tmp_path / "var.fits"), "--errors-are-variances",
+                 "--out", str(tmp_path / "out")]) == 0
+    t = Table.read(tmp_path / "out" / "start_results.fits")
+    assert t["status"][0] == "converged"
+    assert t["dof"][0] == SHAPE[0] * SHAPE[1] - mask.sum() - 7
+    cfg = read_imfit_config(tmp_path / "start.dat")
+    values = {k: float(t[k.replace(".", "_")][0]) for k in cfg.model.parameter_names}
+    got = imfit_parameters(cfg, values)
+    want = imfit_parameters(truth, {k: float(v[0]) for k, v in truth.model.layout(1).values().items()})
+    # the images differ by IMFIT's partial pixel integration (1e-4 of the peak): so do the parameters
+    for name, tol in (("X0_1", 1e-3), ("Y0_1", 1e-3), ("PA_1", 0.02), ("ell_1", 1e-3), ("n_1", 3e-3),
+                      ("I_e_1", 3e-3), ("r_e_1", 3e-3)):
+        assert got[name][0] == pytest.approx(want[name][0], rel=tol, abs=tol), name
