@@ -298,3 +298,26 @@ def test_setup_defaults():
     s = GalfitSetup(zeropoint=20.0, exptime=10.0)
     assert s.model_zeropoint == pytest.approx(22.5)
     assert s.path("none") is None and s.path("") is None
+
+
+def test_option_p_renders_the_starting_model(tmp_path):
+    """``P) 2``: GALFIT makes the image block of the input model and stops; so does galprof."""
+    text = FEEDME.read_text().replace("P) 0 ", "P) 2 ").replace("../../../examples", str(ROOT / "examples"))
+    text = text.replace("F) J162123_badpix", f"F) {DATA / 'J162123_badpix'}")
+    text = text.replace("G) J162123.constraints", f"G) {DATA / 'J162123.constraints'}")
+    (tmp_path / "p2.feedme").write_text(text)
+    assert main(["fit", str(tmp_path / "p2.feedme"), "--out", str(tmp_path)]) == 0
+    from astropy.table import Table
+
+    t = Table.read(tmp_path / "p2_results.fits")
+    assert t["status"][0] == "max_iter" and t["n_iter"][0] == 0 and "not fitted" in t["message"][0]
+    assert t["sersic1_re"][0] == 13.0 and t["sersic1_x0"][0] == 65.5
+    fm = read_feedme(tmp_path / "p2.feedme")
+    psf = fits.getdata(ROOT / "examples" / "sdss" / "J162123.19+322056.4_psf.fits").astype(float)
+    values = {k: float(v[0]) for k, v in fm.model.layout(1).values().items()}
+    full = galprof.render(fm.model, (128, 128), psf / psf.sum(), psf_kind="optical", values=values)
+    with fits.open(tmp_path / "J162123_imgblock.fits") as hdul:
+        model = hdul[2].data.astype(float)
+        assert hdul[2].header["1_RE"] == "*13.0000* +/- *nan*"  # no error: not fitted
+    # the region's model is the full image's model, cut out (light from outside the region included)
+    np.testing.assert_allclose(model, full[35:95, 35:95], rtol=2e-6, atol=1e-7 * full.max())

@@ -28,6 +28,7 @@ from astropy.io.fits.verify import VerifyWarning
 from .errors import DataError, ModelError
 from .fitting import FitResult, LMOptions, fit
 from .fitting.result import column
+from .flags import Flag, Status
 from .io.fits import read_image
 from .io.galfit import (
     GalfitSetup,
@@ -301,7 +302,8 @@ def _unfitted_result(model, values, image, sigma, mask, model_image, name) -> Fi
     return FitResult(keys=keys, free=free, values={k: values[k].detach().cpu().numpy().copy() for k in keys},
                      errors={k: nan.copy() for k in keys}, covariance=np.full((1, len(keys), len(keys)), np.nan),
                      chi2=np.array([chi2]), dof=np.array([int(good.sum()) - len(free)]), n_iter=np.array([0]),
-                     status=np.array([0]), flags=np.array([0]), messages=["not fitted (starting model rendered)"],
+                     status=np.array([int(Status.MAX_ITER)]), flags=np.array([int(Flag.NOT_CONVERGED)]),
+                     messages=["not fitted: the starting model is rendered (GALFIT's P option)"],
                      ids=[name])
 
 
