@@ -321,3 +321,12 @@ def test_option_p_renders_the_starting_model(tmp_path):
         assert hdul[2].header["1_RE"] == "*13.0000* +/- *nan*"  # no error: not fitted
     # the region's model is the full image's model, cut out (light from outside the region included)
     np.testing.assert_allclose(model, full[35:95, 35:95], rtol=2e-6, atol=1e-7 * full.max())
+
+
+def test_which_fit_command():
+    from galprof.single import wants_single
+
+    assert wants_single([str(FEEDME), "--out", "x"])
+    assert wants_single([str(ROOT / "tests" / "data" / "ic3478" / "config_sersic_ic3478_256.dat"), "--image", "i"])
+    # a YAML model is the catalogue fit, even with --image (the catalogue's large image)
+    assert not wants_single([str(ROOT / "examples" / "sersic.yaml"), "--catalog", "c.csv", "--image", "big.fits"])
