@@ -60,7 +60,7 @@ def make_stamp(rng: np.random.Generator, ny: int = 128, nx: int = 128):
         mask[y:y + rng.integers(4, 12), x:x + rng.integers(4, 12)] = True
     sigma_sky = np.sqrt(SKY * GAIN + READ_NOISE ** 2) / GAIN
     smooth = convolve(adu, Gaussian2DKernel(3.0 / 2.3548, x_size=7, y_size=7))
-    seg = detect_sources(smooth, 1.5 * sigma_sky / 2.0, npixels=10)
+    seg = detect_sources(smooth, 1.5 * sigma_sky / 2.0, 10)  # at least 10 connected pixels
     segmap = np.zeros((ny, nx), dtype=np.int16) if seg is None else seg.data.astype(np.int16)
     label = int(segmap[ny // 2, nx // 2])
     truth = dict(n=n, hlr=hlr, q=q, beta=beta, flux=flux, kind=str(kind))

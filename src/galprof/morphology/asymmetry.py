@@ -67,8 +67,9 @@ class AsymmetryFunction:
         self.pad = h + 3
         p = self.pad
         self.hp, self.wp = hh + 2 * p, ww + 2 * p
-        self.img = F.pad(image, (p, p, p, p)).reshape(-1)
         self.has_mask = bool(mask.any())
+        # image and mask side by side, so that one index_select reads both
+        self.img = F.pad(image, (p, p, p, p)).reshape(-1)
         self.msk = F.pad(mask, (p, p, p, p)).reshape(-1) if self.has_mask else None
         self.ny, self.nx = ny.to(dt), nx.to(dt)
         self.sky = torch.full((b,), float("nan"), dtype=dt, device=dev) if sky is None else sky.to(dt)
@@ -80,6 +81,8 @@ class AsymmetryFunction:
         self._grid = ar.view(w, 1) * self.wp + ar.view(1, w)
         src = torch.arange(w, -1, -1, device=dev)  # the rotated window is read backwards
         self._sgrid = src.view(w + 1, 1) * self.wp + src.view(1, w + 1)
+        back = torch.arange(w - 1, -1, -1, device=dev)
+        self._bgrid = back.view(w, 1) * self.wp + back.view(1, w)
         self._colf = ar.to(dt).view(1, 1, w)
         self._rowf = ar.to(dt).view(1, w, 1)
         if kind in ("cas", "rms", "shape"):
@@ -108,7 +111,7 @@ class AsymmetryFunction:
 
     # -- the two windows: image/mask around the centre and their rotated versions --
     def _window(self, idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor):
-        h, p = self.h, self.pad
+        h, p, w = self.h, self.pad, self.win
         nx, ny = self.nx[idx], self.ny[idx]
         oob = (cx < 0) | (cx >= nx) | (cy < 0) | (cy >= ny)
         c = torch.stack([cx, cy]).masked_fill(oob, 0.0)  # (2, P)
@@ -116,44 +119,50 @@ class AsymmetryFunction:
         frac = c - fl
         two = 2 * c
         n2 = torch.floor(two)
-        g = two - n2
+        g = (two - n2).view(2, -1, 1, 1)
         base = idx * (self.hp * self.wp)
+        npts = idx.shape[0]
         o = (fl - (h - p)).to(torch.long)  # window origin in the padded canvas
-        im = self.img.take((base + o[1] * self.wp + o[0]).view(-1, 1, 1) + self._grid)
-        # rotated image: window of pixels floor(2c) - floor(c) - h - 1 + t (t = 0..W), read backwards
-        so = (n2 - fl).to(torch.long) - h - 1 + p
-        sidx = (base + so[1] * self.wp + so[0]).view(-1, 1, 1) + self._sgrid
-        src = self.img.take(sidx)
-        gx, gy = g[0].view(-1, 1, 1), g[1].view(-1, 1, 1)
-        hx, hy = 1 - gx, 1 - gy
-        top = hx * src[:, 1:, 1:] + gx * src[:, 1:, :-1]
-        bottom = hx * src[:, :-1, 1:] + gx * src[:, :-1, :-1]
-        rot = hy * top + gy * bottom
+        gidx = ((base + o[1] * self.wp + o[0]).view(-1, 1, 1) + self._grid).reshape(-1)
+        im = self.img.index_select(0, gidx).view(npts, w, w)
+        # rotated image: window of pixels floor(2c) - floor(c) - h - 1 + t (t = 0..W), read
+        # backwards, then bilinear weights along x and along y (skimage's order of operations)
+        so = (n2 - fl).to(torch.long) - (h + 1 - p)
+        sidx = ((base + so[1] * self.wp + so[0]).view(-1, 1, 1) + self._sgrid).reshape(-1)
+        src = self.img.index_select(0, sidx).view(npts, w + 1, w + 1)
+        rows = torch.lerp(src[:, :, 1:], src[:, :, :-1], g[0])
+        rot = torch.lerp(rows[:, 1:], rows[:, :-1], g[1])
         # usable pixels: inside the stamp and not masked in either orientation
         x0 = (fl[0] - h).view(-1, 1, 1) + self._colf
         y0 = (fl[1] - h).view(-1, 1, 1) + self._rowf
-        inside = ((x0 >= 0) & (x0 < nx.view(-1, 1, 1))) & ((y0 >= 0) & (y0 < ny.view(-1, 1, 1)))
+        valid = ((x0 >= 0) & (x0 < nx.view(-1, 1, 1))) & ((y0 >= 0) & (y0 < ny.view(-1, 1, 1)))
+        # pixels off the stamp do not exist for the aperture sums (their mirror image may)
+        rot = rot.masked_fill(~valid, 0.0)
         if self.has_mask:
-            m = self.msk.take(o[1].view(-1, 1, 1) * self.wp + o[0].view(-1, 1, 1) + base.view(-1, 1, 1) + self._grid)
-            msrc = self.msk.take(sidx)
-            r = (torch.floor(two + 0.5) > n2).view(2, -1, 1, 1)
-            mrow = torch.where(r[1], msrc[:, :-1, :], msrc[:, 1:, :])
-            msym = m | torch.where(r[0], mrow[:, :, :-1], mrow[:, :, 1:])
+            # nearest neighbour of the mask: pixel floor(2c + 1/2) - x
+            sm = (torch.floor(two + 0.5) - fl).to(torch.long) - (h + 1 - p)
+            midx = ((base + sm[1] * self.wp + sm[0]).view(-1, 1, 1) + self._bgrid).reshape(-1)
+            msym = self.msk.index_select(0, gidx).view(npts, w, w) | self.msk.index_select(0, midx).view(npts, w, w)
             im = im.masked_fill(msym, 0.0)
             rot = rot.masked_fill(msym, 0.0)
-            inside = inside & ~msym
-        return im, rot, inside, frac, oob
+            valid = valid & ~msym
+        return im, rot, valid, frac, oob
 
     def __call__(self, idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
         """Asymmetry of stamps ``idx`` about ``(cx, cy)`` (pixels, stamp coordinates)."""
         if idx.numel() == 0:
             return torch.empty(0, dtype=self.dtype, device=self.device)
         im, rot, valid, frac, oob = self._window(idx, cx.to(self.dtype), cy.to(self.dtype))
+        terms = torch.empty((im.shape[0], 3) + im.shape[1:], dtype=self.dtype, device=self.device)
+        torch.sub(rot, im, out=terms[:, 0])
         if self.kind == "rms":
-            d = rot - im
-            terms = torch.stack([d * d, im * im, valid.to(self.dtype)], 1).flatten(2)
+            terms[:, 0].square_()
+            torch.square(im, out=terms[:, 1])
         else:
-            terms = torch.stack([(rot - im).abs(), im.abs(), valid.to(self.dtype)], 1).flatten(2)
+            terms[:, 0].abs_()
+            torch.abs(im, out=terms[:, 1])
+        terms[:, 2].copy_(valid)
+        terms = terms.flatten(2)
         if self.kind == "outer":
             w = self._ellipse_weights(idx, frac[0], frac[1]).flatten(1)
             sums = torch.bmm(terms, w.unsqueeze(2)).squeeze(2)

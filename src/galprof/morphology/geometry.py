@@ -67,29 +67,34 @@ def ellipse_pixel_overlap(dx: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, e
 
 
 def _quadrant(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Signed area of ``{0 <= u <= x, 0 <= v <= y} & disc(r)`` (signs of x and y carried)."""
-    ax, ay = x.abs(), y.abs()
-    big_x, big_y = torch.minimum(ax, r), torch.minimum(ay, r)
+    """Area of ``{0 <= u <= x, 0 <= v <= y}`` inside the disc of radius ``r`` (x, y >= 0)."""
+    bx, by = torch.minimum(x, r), torch.minimum(y, r)
     r2 = r * r
-    inside = big_x * big_x + big_y * big_y <= r2
+    bx2, by2 = bx * bx, by * by
     rs = torch.where(r > 0, r, torch.ones_like(r))
-    vx = torch.sqrt((r2 - big_x * big_x).clamp_min(0.0))
-    uy = torch.sqrt((r2 - big_y * big_y).clamp_min(0.0))
-    part = 0.5 * (big_y * uy + big_x * vx + r2 * (torch.asin((big_x / rs).clamp(max=1.0))
-                                                     + torch.asin((big_y / rs).clamp(max=1.0)) - 0.5 * math.pi))
-    q = torch.where(inside, big_x * big_y, part)
-    return q * torch.sign(x) * torch.sign(y)
+    vx = torch.sqrt((r2 - bx2).clamp_min(0.0))
+    uy = torch.sqrt((r2 - by2).clamp_min(0.0))
+    angles = torch.asin((bx / rs).clamp(max=1.0)) + torch.asin((by / rs).clamp(max=1.0)) - 0.5 * math.pi
+    part = 0.5 * (by * uy + bx * vx + r2 * angles)
+    return torch.where(bx2 + by2 <= r2, bx * by, part)
 
 
 def circle_pixel_overlap(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Area of the unit pixel centred at ``(dx, dy)`` (relative to the circle's centre) inside
     the circle of radius ``r`` (pixels): inclusion-exclusion of the four corner quadrants
-    ``[0, x] x [0, y]``, whose area within the disc has a closed form."""
-    r = torch.as_tensor(r, dtype=dx.dtype, device=dx.device).clamp_min(0.0)
-    x = torch.stack([dx + 0.5, dx - 0.5, dx + 0.5, dx - 0.5])
-    y = torch.stack([dy + 0.5, dy + 0.5, dy - 0.5, dy - 0.5])
-    q = _quadrant(x, y, r.expand_as(dx).unsqueeze(0))
-    return (q[0] - q[1] - q[2] + q[3]).clamp(0.0, 1.0)
+    ``[0, x] x [0, y]``, whose area within the disc has a closed form. The pixel is first
+    reflected into the first quadrant (same area)."""
+    ax, ay = dx.abs(), dy.abs()
+    shape = (4,) + (1,) * ax.dim()
+    off_x = torch.tensor([0.5, -0.5, 0.5, -0.5], dtype=ax.dtype, device=ax.device).view(shape)
+    off_y = torch.tensor([0.5, 0.5, -0.5, -0.5], dtype=ax.dtype, device=ax.device).view(shape)
+    cx = ax.unsqueeze(0) + off_x
+    cy = ay.unsqueeze(0) + off_y
+    r = torch.as_tensor(r, dtype=ax.dtype, device=ax.device).clamp_min(0.0)
+    q = _quadrant(cx.abs(), cy.abs(), r.unsqueeze(0) if r.dim() else r)
+    sx = torch.sign(cx[1])  # the low edges may lie left of / below the centre
+    sy = torch.sign(cy[2])
+    return (q[0] - sx * q[1] - sy * q[2] + (sx * sy) * q[3]).clamp(0.0, 1.0)
 
 
 def aperture_weights(dx: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, elongation: torch.Tensor | None = None,

@@ -39,16 +39,27 @@ def reflect_index(t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= n, period - 1 - t, t)
 
 
+def _banded(kernels: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
+    """(B, n_in, n_out) matrices M with ``M[b, j + k, j] = kernels[b, k]``: ``x @ M`` correlates
+    the rows of ``x`` (length n_in) with each stamp's kernel (valid part, length n_out)."""
+    k = kernels.shape[1]
+    off = torch.arange(n_in, device=kernels.device).view(-1, 1) - torch.arange(n_out, device=kernels.device).view(1, -1)
+    band = (off >= 0) & (off < k)
+    m = kernels[:, off.clamp(0, k - 1)]
+    return m * band.to(kernels.dtype)
+
+
 def _conv_axis(x: torch.Tensor, kernels: torch.Tensor, axis: int, pad: int) -> torch.Tensor:
     """Correlate every row (axis=-1) or column (axis=-2) of stamp ``b`` of ``x`` (B, H, W)
-    with ``kernels[b]`` (B, K), zero padding ``pad`` on both sides."""
-    if axis == -2:
-        return _conv_axis(x.transpose(1, 2), kernels, -1, pad).transpose(1, 2)
+    with ``kernels[b]`` (B, K), zero padding ``pad`` on both sides (one batched matrix product
+    with a banded matrix per stamp)."""
     b, h, w = x.shape
-    k = kernels.shape[1]
+    if axis == -2:
+        xp = F.pad(x, (0, 0, pad, pad)) if pad else x
+        m = _banded(kernels, h + 2 * pad, h)
+        return torch.bmm(m.transpose(1, 2), xp)
     xp = F.pad(x, (pad, pad)) if pad else x
-    win = xp.unfold(-1, k, 1)  # (B, H, W', K) view
-    return torch.einsum("bhwk,bk->bhw", win, kernels)
+    return torch.bmm(xp, _banded(kernels, w + 2 * pad, w))
 
 
 def gaussian_filter(x: torch.Tensor, sigma: torch.Tensor, truncate: float = 4.0) -> torch.Tensor:
@@ -96,8 +107,7 @@ def _box_axis(x: torch.Tensor, size: torch.Tensor, n: torch.Tensor, smax: int, a
     start = -(size // 2)
     kern = ((k[None, :] >= start[:, None]) & (k[None, :] <= (start + size - 1)[:, None])).to(x.dtype)
     kern = kern / size.clamp_min(1).to(x.dtype)[:, None]
-    win = ext.unfold(-1, kern.shape[1], 1)  # (B, H, L - K + 1, K)
-    return torch.einsum("bhwk,bk->bhw", win, kern)[..., :w]
+    return torch.bmm(ext, _banded(kern, ext.shape[-1], w))
 
 
 # --------------------------------------------------------------------------------------------

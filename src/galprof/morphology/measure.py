@@ -7,6 +7,7 @@ The definitions, and every difference from statmorph, are in docs/morphology.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -315,8 +316,22 @@ def _mode_clip_threshold(values: torch.Tensor, n: torch.Tensor):
 # the measurements
 # ============================================================================================
 
+class _Clock:
+    """CPU time per stage (logged at DEBUG level)."""
+
+    def __init__(self):
+        self.t = time.process_time()
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        now = time.process_time()
+        self.times[name] = self.times.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> dict[str, torch.Tensor]:
     dt, dev, b = bt.dtype, bt.device, bt.b
+    clock = _Clock()
     out: dict[str, torch.Tensor] = {}
     nan = lambda: torch.full((b,), float("nan"), dtype=dt, device=dev)  # noqa: E731
     flag = bt.flag.clone()
@@ -345,6 +360,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     xb, yb = (bright % w).to(dt), (bright // w).to(dt)
     e_c, el_c, th_c, _ = _shape(*_moments(nobg, x, y, xc, yc))
 
+    clock("centroid")
     # --- sky box ----------------------------------------------------------------------------
     sky_ok, sky_size, si0, sj0 = _skybox(bt, opts.skybox_size)
     flag = _set(flag, ok & ~sky_ok, MorphFlag.NO_SKYBOX)
@@ -367,6 +383,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     sky_asym = torch.where(sky_ok, sky_adiff / npx, nan())
     flag = _set(flag, ok & ~(sky_mean.abs() <= sky_sigma), MorphFlag.SKY_NOT_SUBTRACTED)
 
+    clock("skybox")
     # --- Petrosian radius about the centroid (sets the asymmetry aperture) -------------------
     diag = torch.sqrt(nxf * nxf + nyf * nyf)
     chans = torch.stack([img, valid_area], 1)
@@ -375,6 +392,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     flag = _set(flag, ok & (lim | zm), MorphFlag.PETROSIAN)
     del prof_c
 
+    clock("rpetro_centroid")
     # --- asymmetry centre ------------------------------------------------------------------
     radius = opts.petro_extent_cas * rp_c
     xa, ya, a_val, flag = _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag)
@@ -383,6 +401,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     e_a, el_a, th_a, badmom = _shape(*_moments(nobg, x, y, xa, ya))
     flag = _set(flag, ok & badmom, MorphFlag.NONPOSITIVE)
 
+    clock("asymmetry_centre")
     # --- Petrosian radii about the asymmetry centre -------------------------------------------
     prof = RadialProfile(chans, inside, xa, ya)
     rpc, lim, zm = petrosian_radius(prof, diag, ok, opts.eta, opts.annulus_width, xtol=opts.root_xtol)
@@ -394,6 +413,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     flux_circ = prof.sums((ext * rpc)[:, None])[:, 0, 0].abs()
     flux_ellip = prof_e.sums((ext * rpe)[:, None])[:, 0, 0].abs()
 
+    clock("rpetro")
     # --- concentration ------------------------------------------------------------------------
     r_cas = opts.petro_extent_cas * rpc
     radii, zt, neg = fraction_radius(prof, r_cas, [0.2, 0.5, 0.8], ok, xtol=opts.root_xtol)
@@ -402,6 +422,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     r20, r50, r80 = radii.unbind(1)
     conc = 5.0 * torch.log10(r80 / r20)
 
+    clock("concentration")
     # --- smoothness ---------------------------------------------------------------------------
     box = torch.floor(opts.petro_fraction_cas * rpc).nan_to_num(0.0).long().clamp_min(0)
     box = torch.where(ok, box, torch.zeros_like(box))
@@ -422,6 +443,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     flag = _set(flag, bad_s, MorphFlag.NONPOSITIVE)
     smooth_val = torch.where(bad_s, nan(), smooth_val)
 
+    clock("smoothness")
     # --- shape-asymmetry segmentation, rmax, rhalf ---------------------------------------------
     dxa = x - xa.view(b, 1, 1)
     dya = y - ya.view(b, 1, 1)
@@ -466,6 +488,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     flag = _set(flag, ok & ~(rmax_circ > 0), MorphFlag.SHAPE_SEGMAP)
     del prof, prof_e
 
+    clock("shape_segmap_rhalf")
     # --- asymmetries in other apertures -------------------------------------------------------
     one = ok.nonzero().squeeze(1)
     shape_asym, outer_asym, rms_asym = nan(), nan(), nan()
@@ -485,6 +508,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     for v in (shape_asym, outer_asym, rms_asym):
         v.masked_fill_(v == 100.0, float("nan"))
 
+    clock("other_asymmetries")
     # --- Gini segmentation, Gini, M20 ---------------------------------------------------------
     sig = (opts.petro_fraction_gini * rpe).nan_to_num(1.0).clamp_min(1e-3)
     gsm = gaussian_filter(img, sig)
@@ -551,6 +575,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     else:
         sn = nan()
 
+    clock("gini_m20")
     deg = 180.0 / math.pi
     out.update(
         xc_centroid=xc, yc_centroid=yc, ellipticity_centroid=e_c, elongation_centroid=el_c,
@@ -567,6 +592,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     for key, v in out.items():
         out[key] = torch.where(ok, v, torch.full_like(v, float("nan")))
     out["_flag"] = flag
+    log.debug("morphology stage CPU times (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in clock.times.items()))
     return out
 
 
@@ -731,7 +757,7 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
         table[key] = results[key]
         if unit:
             table[key].unit = unit
-    table.meta["morph_options"] = str(asdict(opts))
+    table.meta["MORPHOPT"] = json.dumps(asdict(opts))
     log.info("morphology of %d stamps in %.2f s", n, time.perf_counter() - t0)
     return table
 

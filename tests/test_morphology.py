@@ -1,0 +1,319 @@
+"""Non-parametric morphology against statmorph (golden values) and against independent references
+for its kernels (scipy, astropy, analytic areas).
+
+Golden values: tests/data/statmorph_golden/, made by benchmarks/make_statmorph_golden.py (statmorph
+0.7.2 with its defaults on the same inputs; versions in golden.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from galprof.morphology import MorphFlag, MorphologyOptions, measure_morphology, morphology_hook
+from galprof.morphology.geometry import aperture_weights, circle_pixel_overlap, ellipse_pixel_overlap
+from galprof.morphology.kernels import (
+    SortedRanges,
+    brentq,
+    connected_component,
+    gaussian_filter,
+    label_components,
+    nelder_mead,
+    uniform_filter,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "data" / "statmorph_golden"
+
+#: agreement required with statmorph (absolute; "rel" entries relative)
+TOL = {"concentration": 0.02, "asymmetry": 0.005, "smoothness": 0.005, "gini": 0.005, "m20": 0.02,
+       "gini_m20_bulge": 0.03, "gini_m20_merger": 0.01, "rms_asymmetry2": 0.005, "outer_asymmetry": 0.005,
+       "shape_asymmetry": 0.005, "ellipticity_asymmetry": 0.005, "ellipticity_centroid": 0.005}
+REL = {"rpetro_circ": 0.005, "rpetro_ellip": 0.005, "rhalf_circ": 0.005, "rhalf_ellip": 0.005, "r20": 0.005,
+       "r50": 0.005, "r80": 0.005, "rmax_circ": 0.005, "rmax_ellip": 0.005, "flux_circ": 0.005,
+       "flux_ellip": 0.005, "sn_per_pixel": 0.005, "sky_sigma": 0.005}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small tensor operations: one thread is faster, and much faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads((GOLDEN / "golden.json").read_text())
+
+
+def _compare(values: dict[str, np.ndarray], refs: list[dict], label: str) -> dict[str, float]:
+    """Max deviation per statistic; asserts the tolerances. statmorph's -99 must be NaN here."""
+    worst = {}
+    for key in list(TOL) + list(REL):
+        ref = np.array([r[key] for r in refs], dtype=float)
+        got = np.asarray(values[key], dtype=float)
+        invalid = ref == -99.0
+        assert np.array_equal(np.isnan(got), invalid), f"{label} {key}: NaN where statmorph has -99 differ"
+        ok = ~invalid
+        dev = np.abs(got[ok] - ref[ok])
+        if key in REL:
+            dev = dev / np.abs(ref[ok])
+        worst[key] = float(dev.max()) if dev.size else 0.0
+        limit = TOL.get(key, REL.get(key))
+        assert worst[key] <= limit, f"{label} {key}: max deviation {worst[key]:.3g} > {limit} (stamp {np.argmax(dev)})"
+    return worst
+
+
+def test_statmorph_test_image(golden):
+    """statmorph's own test image (slice.fits): every statistic to 1e-8."""
+    d = np.load(GOLDEN / "slice.npz")
+    t = measure_morphology([d["image"]], [d["segmap"]], [1], [d["mask"]], gain=1.0)
+    ref = golden["slice"]
+    assert t["morph_flag"][0] == 0
+    _compare({k: t[k] for k in t.colnames}, [ref], "slice")
+    for key in ("concentration", "asymmetry", "smoothness", "gini", "m20", "rpetro_circ", "rpetro_ellip",
+                "rhalf_circ", "shape_asymmetry", "outer_asymmetry", "rms_asymmetry2", "sn_per_pixel"):
+        assert t[key][0] == pytest.approx(ref[key], rel=1e-8, abs=1e-10), key
+    # positions: galprof's frame has the first pixel centred at 1 (statmorph's at 0)
+    assert t["xc_asymmetry"][0] - 1 == pytest.approx(ref["xc_asymmetry"], abs=1e-6)
+    assert t["yc_asymmetry"][0] - 1 == pytest.approx(ref["yc_asymmetry"], abs=1e-6)
+    # statmorph's orientation: radians from +x; galprof's PA: degrees counter-clockwise from +y
+    pa = math.degrees(ref["orientation_asymmetry"]) - 90.0
+    assert (t["pa_asymmetry"][0] - pa) % 180.0 == pytest.approx(0.0, abs=1e-6)
+
+
+def test_statmorph_simulations(golden):
+    """120 simulated stamps of different sizes in one call: the issue's tolerances on every stamp."""
+    d = np.load(GOLDEN / "stamps.npz")
+    n = len(d["labels"])
+    images = [d[f"image_{i:03d}"].astype(np.float64) for i in range(n)]
+    segmaps = [d[f"segmap_{i:03d}"] for i in range(n)]
+    masks = [d[f"mask_{i:03d}"] if f"mask_{i:03d}" in d else None for i in range(n)]
+    assert len({im.shape for im in images}) > 5 and n >= 100
+    t = measure_morphology(images, segmaps, list(d["labels"]), masks, gain=2.0)
+    refs = golden["simulations"]
+    # statmorph's bad measurements (flag >= 2) are bad here too
+    bad = np.array([r["flag"] >= 2 for r in refs])
+    from galprof.morphology.flags import BAD
+
+    assert np.array_equal(bad, np.asarray(t["morph_flag"]) & int(BAD) != 0)
+    _compare({k: t[k] for k in t.colnames}, refs, "simulations")
+
+
+def test_cli_sdss_examples(golden, tmp_path):
+    """``galprof morph`` on the bundled SDSS catalogue (segmentation maps, labels, sigma images)."""
+    from astropy.table import Table
+
+    from galprof.cli import main
+
+    assert main(["morph", "--catalog", str(ROOT / "examples" / "sdss" / "catalog.csv"), "--out", str(tmp_path)]) == 0
+    t = Table.read(tmp_path / "morphology.fits")
+    t_csv = Table.read(tmp_path / "morphology.csv", format="ascii.csv")
+    assert list(t["id"]) == list(t_csv["id"]) == ["J162123", "J100247", "J092800"]
+    refs = [golden["sdss"][i] for i in t["id"]]
+    _compare({k: t[k] for k in t.colnames}, refs, "sdss")
+    assert np.allclose(t["concentration"], t_csv["concentration"])
+
+
+def test_batch_equals_single_stamps():
+    """Stamps measured together (padded to a common canvas) equal stamps measured alone."""
+    d = np.load(GOLDEN / "stamps.npz")
+    pick = [0, 7, 19, 33]
+    args = ([d[f"image_{i:03d}"].astype(float) for i in pick], [d[f"segmap_{i:03d}"] for i in pick],
+            [int(d["labels"][i]) for i in pick])
+    together = measure_morphology(*args, gain=2.0)
+    for k, i in enumerate(pick):
+        alone = measure_morphology([args[0][k]], [args[1][k]], [args[2][k]], gain=2.0)
+        for key in ("concentration", "asymmetry", "smoothness", "gini", "m20", "rpetro_ellip", "rhalf_circ"):
+            assert together[key][k] == pytest.approx(alone[key][0], rel=1e-10, abs=1e-12), (i, key)
+
+
+def test_float32_within_tolerances(golden):
+    d = np.load(GOLDEN / "stamps.npz")
+    pick = list(range(0, 120, 12))
+    t = measure_morphology([d[f"image_{i:03d}"].astype(float) for i in pick], [d[f"segmap_{i:03d}"] for i in pick],
+                           [int(d["labels"][i]) for i in pick],
+                           [d[f"mask_{i:03d}"] if f"mask_{i:03d}" in d else None for i in pick], gain=2.0,
+                           dtype=torch.float32)
+    _compare({k: t[k] for k in t.colnames}, [golden["simulations"][i] for i in pick], "float32")
+
+
+def test_bad_stamps_are_flagged_not_fatal():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:60, 0:60]
+    good = 100 * np.exp(-np.hypot(xx - 30, yy - 30) / 4) + rng.normal(0, 1, (60, 60))
+    seg = (np.hypot(xx - 30, yy - 30) < 15).astype(int)
+    images = [good, np.full((60, 60), np.nan), -good, good, np.ones((2, 2)), good]
+    segmaps = [seg, seg, seg, np.zeros((60, 60), int), np.ones((2, 2), int), seg[:30]]
+    t = measure_morphology(images, segmaps, [1, 1, 1, None, 1, 1], gain=1.0, ids=list("abcdef"))
+    flags = np.asarray(t["morph_flag"])
+    assert flags[0] & int(MorphFlag.NO_DATA) == 0 and np.isfinite(t["concentration"][0])
+    for i in range(1, 6):
+        assert flags[i] & int(MorphFlag.NO_DATA), (i, t["morph_message"][i])
+        assert np.isnan(t["asymmetry"][i]) and t["morph_message"][i].startswith("bad")
+    assert "shape" in t["morph_message"][5] and "label 0" in t["morph_message"][3]
+
+
+def test_automatic_segmentation():
+    """Without a segmentation map the target at the centre is segmented and its companion masked."""
+    galsim = pytest.importorskip("galsim")
+    gal = galsim.Sersic(n=1.5, half_light_radius=5).shear(q=0.6, beta=30 * galsim.degrees).withFlux(2e4)
+    comp = galsim.Gaussian(sigma=2).withFlux(8e3).shift(42, 0)
+    img = galsim.Convolve(gal + comp, galsim.Moffat(beta=3.5, fwhm=2.5)).drawImage(nx=120, ny=120, scale=1).array
+    img = img + np.random.default_rng(3).normal(0, 1.0, img.shape)
+    from galprof.morphology import DetectOptions, segment_stamps
+
+    seg, label = segment_stamps([img], [None], DetectOptions())[0]
+    assert label == 1 and seg[60, 60] == 1 and seg[60, 102] == 2
+    auto = measure_morphology([img], gain=1.0)
+    given = measure_morphology([img], [seg], [1], gain=1.0)
+    assert auto["morph_flag"][0] & int(MorphFlag.NO_DATA) == 0
+    for key in ("concentration", "asymmetry", "gini", "m20"):
+        assert auto[key][0] == given[key][0]
+
+
+def test_morphology_hook_columns():
+    """The pipeline hook returns one value per row, NaN for stamps without an image, positions
+    shifted into the image frame."""
+    from types import SimpleNamespace
+
+    d = np.load(GOLDEN / "slice.npz")
+    image = d["image"].astype(float)
+    stamps = [SimpleNamespace(id=1, image=image, sigma=None, mask=None, offset=(10.0, 20.0)),
+              SimpleNamespace(id=2, image=None, sigma=None, mask=None, offset=(0.0, 0.0))]
+    cols = morphology_hook(gain=1.0)(stamps, None, None)
+    alone = measure_morphology([image], gain=1.0)
+    assert cols["concentration"][0] == alone["concentration"][0] and np.isnan(cols["concentration"][1])
+    assert cols["xc_asymmetry"][0] == pytest.approx(alone["xc_asymmetry"][0] + 10.0)
+    assert cols["morph_flag"][1] & int(MorphFlag.NO_DATA)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels against independent references
+# --------------------------------------------------------------------------------------------
+
+def test_overlaps_sum_to_exact_areas():
+    """Exact pixel overlaps add up to pi r^2 and pi a b (apertures well inside the grid)."""
+    y, x = torch.meshgrid(torch.arange(80.0, dtype=torch.float64), torch.arange(90.0, dtype=torch.float64),
+                          indexing="ij")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cx, cy, a = rng.uniform(35, 45), rng.uniform(35, 45), rng.uniform(0.3, 30)
+        e, th = rng.uniform(1, 4), rng.uniform(-3, 3)
+        r = torch.tensor(a, dtype=torch.float64)
+        assert float(circle_pixel_overlap(x - cx, y - cy, r).sum()) == pytest.approx(math.pi * a * a, rel=1e-12)
+        ell = ellipse_pixel_overlap(x - cx, y - cy, r, e, math.cos(th), math.sin(th))
+        assert float(ell.sum()) == pytest.approx(math.pi * a * a / e, rel=1e-12)
+        dense = aperture_weights(x - cx, y - cy, r, torch.tensor(e, dtype=torch.float64),
+                                 torch.tensor(math.cos(th), dtype=torch.float64),
+                                 torch.tensor(math.sin(th), dtype=torch.float64))
+        assert torch.allclose(dense, ell, atol=1e-12)
+        assert float(ell.min()) >= 0 and float(ell.max()) <= 1
+
+
+def test_filters_match_scipy():
+    ndi = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(3)
+    b, h, w = 5, 40, 50
+    x = rng.normal(size=(b, h, w))
+    ny, nx = np.array([40, 33, 20, 7, 40]), np.array([50, 41, 9, 30, 12])
+    for i in range(b):
+        x[i, ny[i]:, :] = 0
+        x[i, :, nx[i]:] = 0
+    size, sig = np.array([3, 4, 7, 12, 1]), np.array([0.7, 1.5, 2.2, 3.9, 5.0])
+    u = uniform_filter(torch.tensor(x), torch.tensor(size), torch.tensor(ny), torch.tensor(nx)).numpy()
+    g = gaussian_filter(torch.tensor(x), torch.tensor(sig)).numpy()
+    for i in range(b):
+        sub = x[i, :ny[i], :nx[i]]
+        np.testing.assert_allclose(u[i, :ny[i], :nx[i]], ndi.uniform_filter(sub, size[i]), atol=1e-13)
+        np.testing.assert_allclose(g[i, :ny[i], :nx[i]], ndi.gaussian_filter(sub, sig[i], mode="constant"),
+                                   atol=1e-13)
+
+
+def test_components_match_scipy():
+    ndi = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(5)
+    fg = rng.random((6, 40, 50)) < 0.45
+    lab = label_components(torch.tensor(fg)).numpy()
+    for i in range(6):
+        ref, _ = ndi.label(fg[i], structure=np.ones((3, 3)))
+        # same partition: a one-to-one map between the labels
+        pairs = {(a, c) for a, c in zip(ref[fg[i]], lab[i][fg[i]])}
+        assert len(pairs) == len({a for a, _ in pairs}) == len({c for _, c in pairs})
+        assert np.all(lab[i][~fg[i]] == -1)
+    seed = torch.tensor([int(np.flatnonzero(fg[i])[0]) for i in range(6)])
+    comp = connected_component(torch.tensor(fg), seed).numpy()
+    for i in range(6):
+        ref, _ = ndi.label(fg[i], structure=np.ones((3, 3)))
+        np.testing.assert_array_equal(comp[i], ref == ref.flat[int(seed[i])])
+
+
+def test_brentq_matches_scipy():
+    optimize = pytest.importorskip("scipy.optimize")
+    cs = torch.tensor([0.3, 1.0, 2.5, 7.0], dtype=torch.float64)
+
+    def f(i, x):
+        return torch.cos(x) - cs[i] * x
+
+    lo, hi = torch.zeros(4, dtype=torch.float64), torch.full((4,), 2.0, dtype=torch.float64)
+    idx = torch.arange(4)
+    root, ok = brentq(f, lo, hi, f(idx, lo), f(idx, hi), xtol=1e-12)
+    assert bool(ok.all())
+    for k, c in enumerate(cs.tolist()):
+        ref = optimize.brentq(lambda t, c=c: math.cos(t) - c * t, 0, 2, xtol=1e-12)
+        assert float(root[k]) == pytest.approx(ref, abs=1e-11)
+
+
+def test_nelder_mead_follows_scipy_fmin():
+    """Same simplex path as scipy's fmin: same minimum and the same number of evaluations."""
+    optimize = pytest.importorskip("scipy.optimize")
+    starts = torch.tensor([[1.3, -0.7], [-1.2, 1.0], [0.0, 2.0], [3.0, 3.0]], dtype=torch.float64)
+    shift = torch.tensor([0.5, -1.0, 2.0, 0.1], dtype=torch.float64)
+
+    def f(i, p):
+        x, y = p[:, 0], p[:, 1]
+        return (1 - x) ** 2 + 10 * (y - x * x) ** 2 + shift[i] * torch.abs(x - 0.3)
+
+    best, fbest, nit, nfev = nelder_mead(f, starts, xtol=1e-8, ftol=1e-10)
+    for k in range(4):
+        s = shift[k].item()
+
+        def g(p, s=s):
+            return (1 - p[0]) ** 2 + 10 * (p[1] - p[0] ** 2) ** 2 + s * abs(p[0] - 0.3)
+
+        x, fx, it, fe, _ = optimize.fmin(g, starts[k].numpy(), xtol=1e-8, ftol=1e-10, full_output=True, disp=False)
+        np.testing.assert_allclose(best[k].numpy(), x, atol=1e-9)
+        assert int(nfev[k]) == fe and int(nit[k]) == it
+
+
+def test_sigma_clipping_matches_astropy():
+    from astropy.stats import sigma_clip
+
+    rng = np.random.default_rng(7)
+    data = [np.concatenate([rng.normal(0, 1, 300), rng.normal(8, 1, n)]) for n in (5, 30, 60)]
+    width = max(len(d) for d in data)
+    vals = torch.full((3, width), float("inf"), dtype=torch.float64)
+    for i, d in enumerate(data):
+        vals[i, :len(d)] = torch.tensor(np.sort(d))
+    sr = SortedRanges(vals, torch.tensor([len(d) for d in data]))
+    lo, hi = sr.clip(lambda lo, hi: sr.stats(lo, hi)[1], 3.0, 10)
+    mean, med, std = sr.stats(lo, hi)
+    for i, d in enumerate(data):
+        kept = sigma_clip(d, sigma=3.0, maxiters=10, masked=False, axis=None)
+        assert int(hi[i] - lo[i]) == kept.size
+        assert float(mean[i]) == pytest.approx(kept.mean(), rel=1e-12)
+        assert float(med[i]) == pytest.approx(np.median(kept), rel=1e-12)
+        assert float(std[i]) == pytest.approx(kept.std(), rel=1e-9)
+
+
+def test_options_are_statmorphs_defaults(golden):
+    opts = MorphologyOptions()
+    for name, value in golden["statmorph_defaults"].items():
+        assert getattr(opts, name) == value, name
