@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--jacobian", choices=["autodiff", "finite-difference"], default="autodiff")
     f.add_argument("--uncertainty", choices=["covariance", "none"], default="covariance")
     f.add_argument("--max-iter", type=int, default=100)
+    from .morphology.cli import add_parser as add_morph_parser
+
+    add_morph_parser(sub)
     return p
 
 
@@ -110,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command is not None:
             return command()
+        if args.command == "morph":
+            from .morphology.cli import run as run_morph
+
+            return run_morph(args)
         if args.command == "render":
             return _render(args)
         if args.command == "fit":
