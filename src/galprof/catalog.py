@@ -1,143 +1,642 @@
-"""Fitting the galaxies of a catalogue (the ``galprof fit`` command)."""
+"""Catalogues of galaxies to fit: reading them, their column conventions, and loading each
+galaxy's stamp (image, sigma, mask, PSF, starting values) as a :class:`Stamp`.
+
+A galaxy whose files or values cannot be used becomes a :class:`Stamp` with a flag and a message
+(never an exception): the pipeline records it and goes on. Problems with the catalogue as a whole
+(missing file or ``id`` column, duplicate ids, a bad option) raise :class:`~galprof.errors.DataError`.
+
+Columns (see docs/pipeline.md for the full description):
+
+``id`` (required), ``image`` (or ``--image``), ``sigma`` or ``weight``, ``psf``, ``mask``
+    File names relative to the catalogue's folder; ``file.fits[N]`` selects an HDU.
+``mask_label``, ``mask_mode``
+    The target's label when the mask is a segmentation map; ``background`` masks the other
+    sources, ``exclusive`` keeps only the target's pixels.
+``zeropoint``, ``pixel_scale``, ``gain``, ``read_noise``, ``sky``, ``exptime``, ``ncombine``
+    Per-galaxy photometric and detector values (sigma maps are made from the last five when no
+    sigma or weight map is given; see :mod:`galprof.noise`).
+``x``, ``y`` or ``ra``, ``dec``; ``cutout_size``
+    The source's position in its image (pixels, FITS convention, or degrees through the image's
+    WCS): the starting centre, and where a cutout is made (with ``--cutout``).
+``<component>_<param>``
+    Starting values (free parameters) or values (fixed parameters), in the same units as the
+    output table (the galaxy's zeropoint, the image's pixel frame).
+"""
 
 from __future__ import annotations
 
-import logging
+import math
 import os
-import time
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from astropy.table import Table, vstack
+from astropy.io import fits
+from astropy.table import Table
 
-from .errors import DataError
-from .fitting import LMOptions, fit
+from .errors import DataError, GalprofError, PSFError
 from .fitting.result import column
-from .flags import Flag, Status
-from .io.fits import read_image
-from .model import load_model
+from .flags import Flag
+from .io.fits import read_image_and_header
+from .io.tables import read_table
+from .model import Model
+from .noise import sigma_from_gain
+from .render import prepare_psf
 
-log = logging.getLogger("galprof")
+__all__ = ["CATALOG_FORMATS", "MASK_MODES", "Catalog", "InputOptions", "Stamp", "read_catalog"]
 
-_FILE_COLUMNS = ("image", "sigma", "psf", "mask")
+#: catalogue file suffixes and the astropy reader used for each
+CATALOG_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits",
+                   ".fits.gz": "fits", ".parquet": "parquet", ".pq": "parquet"}
+MASK_MODES = ("background", "exclusive")
+FILE_COLUMNS = ("image", "sigma", "weight", "psf", "mask")
+NUMBER_COLUMNS = ("mask_label", "zeropoint", "pixel_scale", "gain", "read_noise", "sky", "exptime", "ncombine",
+                  "x", "y", "ra", "dec", "cutout_size")
+#: header keywords read (GALFIT's) when neither the catalogue nor an option gives the value
+HEADER_KEYWORDS = {"gain": ("GAIN",), "read_noise": ("RDNOISE", "READNOIS"), "ncombine": ("NCOMBINE",)}
+_MISSING = {"", "--", "nan", "none", "null"}
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".fits.gz" if name.endswith(".fits.gz") else path.suffix.lower()
 
 
 def read_catalog(path: str | os.PathLike) -> Table:
-    """Read a CSV, ECSV or FITS catalogue; it needs ``id`` and ``image`` columns."""
+    """Read a CSV, ECSV, FITS or Parquet catalogue (by file suffix); it needs an ``id`` column."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"catalogue {str(path)!r} does not exist")
-    fmt = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits"}.get(path.suffix.lower())
+    fmt = CATALOG_FORMATS.get(_suffix(path))
     if fmt is None:
-        raise DataError(f"catalogue {str(path)!r}: use a .csv, .ecsv or .fits file")
-    table = Table.read(path, format=fmt)
-    missing = {"id", "image"} - set(table.colnames)
-    if missing:
-        raise DataError(f"catalogue {str(path)!r} lacks column(s) {sorted(missing)}")
+        raise DataError(f"catalogue {str(path)!r}: use a .csv, .ecsv, .fits or .parquet file")
+    try:
+        table = read_table(path, "parquet") if fmt == "parquet" else Table.read(path, format=fmt)
+    except DataError:
+        raise
+    except Exception as exc:  # astropy raises many kinds for malformed tables
+        raise DataError(f"cannot read catalogue {str(path)!r}: {exc}") from None
+    if "id" not in table.colnames:
+        raise DataError(f"catalogue {str(path)!r} lacks an 'id' column (has {table.colnames})")
     return table
 
 
-def _load(row, folder: Path, name: str):
-    if name not in row.colnames:
-        return None
-    value = row[name]
-    if np.ma.is_masked(value) or str(value).strip() in ("", "--", "nan", "None"):
-        return None
-    spec = str(value).strip()
-    path = spec if os.path.isabs(spec) else str(folder / spec)
-    return read_image(path)
+@dataclass
+class InputOptions:
+    """Run-wide defaults for galaxies whose catalogue row lacks a value, and the cutout settings.
+
+    File options (``image``, ``sigma``, ``weight``, ``psf``, ``mask``) are paths as given (relative
+    to the working directory). ``cutout``: ``None`` (each image is the galaxy's stamp), a size in
+    pixels, or ``"auto"`` (``2 ceil(cutout_factor r) + 1`` pixels, ``r`` the largest starting
+    radius, clipped to ``[cutout_min, cutout_max]``).
+    """
+
+    image: str | None = None
+    sigma: str | None = None
+    weight: str | None = None
+    psf: str | None = None
+    mask: str | None = None
+    mask_mode: str = "background"
+    zeropoint: float | None = None
+    pixel_scale: float | None = None
+    gain: float | None = None
+    read_noise: float | None = None
+    sky: float | None = None
+    exptime: float | None = None
+    ncombine: float | None = None
+    cutout: int | str | None = None
+    cutout_factor: float = 8.0
+    cutout_min: int = 33
+    cutout_max: int = 255
+
+    def validate(self) -> None:
+        if self.mask_mode not in MASK_MODES:
+            raise DataError(f"mask mode {self.mask_mode!r} is not one of {MASK_MODES}")
+        if sum(x is not None for x in (self.sigma, self.weight)) > 1:
+            raise DataError("give a sigma map or a weight map, not both")
+        positive = {"pixel_scale": self.pixel_scale, "gain": self.gain, "exptime": self.exptime,
+                    "cutout_factor": self.cutout_factor}
+        for name, v in positive.items():
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise DataError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        if self.read_noise is not None and not (math.isfinite(self.read_noise) and self.read_noise >= 0):
+            raise DataError(f"--read-noise must be >= 0, got {self.read_noise}")
+        if self.ncombine is not None and not (math.isfinite(self.ncombine) and self.ncombine >= 1):
+            raise DataError(f"--ncombine must be >= 1, got {self.ncombine}")
+        if isinstance(self.cutout, str) and self.cutout != "auto":
+            raise DataError(f"--cutout must be a size in pixels or 'auto', got {self.cutout!r}")
+        if isinstance(self.cutout, int) and self.cutout < 3:
+            raise DataError(f"--cutout must be at least 3 pixels, got {self.cutout}")
+        if not 3 <= self.cutout_min <= self.cutout_max:
+            raise DataError(f"need 3 <= --cutout-min <= --cutout-max, got {self.cutout_min}, {self.cutout_max}")
 
 
-def fit_catalog(args) -> int:
-    """Run ``galprof fit`` (see ``galprof fit --help``); returns the exit code."""
-    model = load_model(args.model)
-    table = read_catalog(args.catalog)
-    folder = Path(args.catalog).resolve().parent
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    keys = model.parameter_names
-    overrides = {k: column(k) for k in keys if column(k) in table.colnames}
-    unknown = [c for c in table.colnames if "_" in c and c not in overrides.values()
-               and c not in ("mask_label",) and not c.endswith("_err")]
-    if unknown:
-        log.warning("catalogue columns not used: %s", ", ".join(unknown))
-    default_psf = read_image(args.psf) if args.psf else None
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    results = []
-    t0 = time.perf_counter()
-    for start in range(0, len(table), args.batch_size):
-        rows = table[start:start + args.batch_size]
-        results.append(_fit_rows(model, rows, folder, overrides, default_psf, args, dtype))
-        done = start + len(rows)
-        log.info("%d/%d galaxies, %.2f galaxies/s", done, len(table), done / (time.perf_counter() - t0))
-    result = vstack(results) if len(results) > 1 else results[0]
-    result.meta.update({"galprof": _version(), "model": str(args.model), "device": args.device,
-                        "dtype": args.dtype, "jacobian": args.jacobian, "psf_kind": args.psf_kind,
-                        "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    result.write(out / "results.fits", overwrite=True)
-    result.write(out / "results.csv", format="ascii.csv", overwrite=True)
-    status = list(result["status"])
-    log.info("fitted %d galaxies: %d converged, %d not converged, %d not fitted (bad input)", len(result),
-             status.count("converged"), status.count("max_iter") + status.count("nonfinite"),
-             status.count("bad_input"))
-    return 0
+@dataclass
+class Stamp:
+    """One galaxy, ready to fit (or flagged as not fittable).
+
+    Attributes
+    ----------
+    index : row of the catalogue; id : its ``id``
+    image, sigma : 2-D float64 arrays (``None`` when the galaxy cannot be fitted)
+    mask : 2-D bool array, True = pixel not to be used, or None
+    psf : 2-D array or None (no PSF in this run)
+    starts : ``{"comp.param": value}`` in the fit's frame (stamp pixels, the model's zeropoint)
+    zeropoint, pixel_scale : the galaxy's (pixel scale in arcsec/px, NaN if unknown)
+    offset : ``(dx, dy)``: pixel ``(x, y)`` of the stamp is pixel ``(x + dx, y + dy)`` of its image
+    section : the cutout's region of its image, ``[x1:x2,y1:y2]`` (FITS, inclusive), or ""
+    source : the image file it came from
+    flags, message : problems (:class:`~galprof.flags.Flag` bits, text)
+    fatal : the galaxy cannot be fitted
+    """
+
+    index: int
+    id: object
+    image: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    psf: np.ndarray | None = None
+    starts: dict[str, float] = field(default_factory=dict)
+    zeropoint: float = 0.0
+    pixel_scale: float = math.nan
+    offset: tuple[float, float] = (0.0, 0.0)
+    section: str = ""
+    source: str = ""
+    flags: int = 0
+    message: str = ""
+    fatal: bool = False
+
+    def note(self, flag: Flag, text: str) -> None:
+        self.flags |= int(flag)
+        self.message = "; ".join(m for m in (self.message, text) if m)
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        return None if self.image is None else tuple(self.image.shape)
 
 
-def _version() -> str:
-    from . import __version__
+class _Bad(Exception):
+    """A problem with one galaxy's input: it is flagged and not fitted."""
 
-    return __version__
+    def __init__(self, flag: Flag, message: str):
+        super().__init__(message)
+        self.flag = flag
 
 
-def _fit_rows(model, rows, folder, overrides, default_psf, args, dtype) -> Table:
-    images, sigmas, masks, psfs, problems = [], [], [], [], []
-    for row in rows:
-        note = ""
+class _LRU:
+    """A small thread-safe cache of files read from disk (shared PSFs, big images)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict = {}
+
+    def get(self, key, load):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one reader per file; the others wait for it
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            value = load(key)
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+                self._key_locks.pop(key, None)
+            return value
+
+
+_HDU_SUFFIX = re.compile(r"^(?P<path>.*)\[(?P<hdu>[^\]]+)\]$")
+
+
+def _open_big(spec: str):
+    """A large image for cutouts, memory-mapped: ``(data, header)`` (a failure is cached too)."""
+    m = _HDU_SUFFIX.match(spec)
+    path, hdu = (m.group("path"), m.group("hdu")) if m else (spec, None)
+    if not Path(path).is_file():
+        return _Bad(Flag.BAD_FILE, f"image file {path!r} does not exist")
+    try:
+        hdul = fits.open(path, memmap=True)
+        if hdu is not None:
+            h = hdul[int(hdu) if hdu.lstrip("-").isdigit() else hdu]
+        else:
+            h = next((h for h in hdul if h.header.get("NAXIS", 0) == 2), None)
+        if h is None or h.data is None or h.data.ndim != 2:
+            return _Bad(Flag.BAD_FILE, f"{spec!r} holds no 2-D image")
+        return h.data, h.header
+    except Exception as exc:
+        return _Bad(Flag.BAD_FILE, f"cannot read {spec!r}: {exc}")
+
+
+class Catalog:
+    """A catalogue of galaxies and how to load each one (see the module docstring).
+
+    Parameters
+    ----------
+    path : catalogue file (CSV, ECSV, FITS or Parquet)
+    model : the model that will be fitted (its parameters name the start columns)
+    options : :class:`InputOptions`
+
+    Raises
+    ------
+    DataError
+        For problems with the catalogue as a whole.
+    """
+
+    def __init__(self, path: str | os.PathLike, model: Model, options: InputOptions | None = None,
+                 table: Table | None = None):
+        self.path = Path(path)
+        self.options = options or InputOptions()
+        self.options.validate()
+        self.folder = self.path.resolve().parent
+        table = read_catalog(self.path) if table is None else table
+        n = len(table)
+        if n == 0:
+            raise DataError(f"catalogue {str(self.path)!r} has no rows")
+        self.model = model
+        layout = model.layout(1)
+        self.keys = model.parameter_names
+        self.kinds = {k: layout.spec(k).kind for k in self.keys}
+        self.tied = set(layout.tied)
+        self.model_values = {k: float(v.reshape(-1)[0]) for k, v in layout.values().items()}
+        cols = set(table.colnames)
+        if "image" not in cols and self.options.image is None:
+            raise DataError("the catalogue has no 'image' column and no --image was given")
+        self.cutout = self.options.cutout
+        if self.cutout is None and "cutout_size" in cols:
+            self.cutout = "column"
+        self.has_xy = {"x", "y"} <= cols
+        self.has_radec = {"ra", "dec"} <= cols
+        if ({"x", "y"} & cols and not self.has_xy) or ({"ra", "dec"} & cols and not self.has_radec):
+            raise DataError("positions need both columns: x and y, or ra and dec")
+        if self.cutout is not None and not (self.has_xy or self.has_radec):
+            raise DataError("cutouts need each source's position: x and y, or ra and dec columns")
+        if "sigma" in cols and "weight" in cols:
+            raise DataError("the catalogue has both 'sigma' and 'weight' columns; keep one")
+        self.use_psf = "psf" in cols or self.options.psf is not None
+
+        # columns as plain arrays, with their missing-value masks
+        self._cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in table.colnames:
+            c = table[name]
+            data = np.asarray(c.data if not hasattr(c, "filled") else c.filled(c.dtype.type()))
+            if data.dtype.kind == "S":  # FITS strings
+                data = np.char.decode(data, "utf-8", errors="replace")
+            missing = np.asarray(np.ma.getmaskarray(c)) if hasattr(c, "mask") else np.zeros(n, bool)
+            if data.dtype.kind in "US":
+                text = np.char.lower(np.char.strip(data.astype(str)))
+                missing = missing | np.isin(text, list(_MISSING))
+            elif data.dtype.kind == "f":
+                missing = missing | ~np.isfinite(data)
+            if data.ndim != 1:
+                continue
+            self._cols[name] = (data, missing)
+        ids, id_missing = self._cols["id"]
+        if id_missing.any():
+            raise DataError(f"catalogue {str(self.path)!r}: row(s) {np.nonzero(id_missing)[0][:5].tolist()} "
+                            "have no id")
+        self.ids = [v.item() if hasattr(v, "item") else v for v in ids]
+        if ids.dtype.kind == "U":
+            self.ids = [str(v).strip() for v in self.ids]
+        seen, dups = set(), []
+        for v in self.ids:
+            if v in seen:
+                dups.append(v)
+            seen.add(v)
+        if dups:
+            raise DataError(f"catalogue ids must be unique (resuming relies on them); repeated: {dups[:5]}")
+
+        # start columns: <component>_<param>
+        self.start_columns = {}
+        known = set(FILE_COLUMNS) | set(NUMBER_COLUMNS) | {"id", "mask_mode"}
+        self.ignored = []
+        for name in table.colnames:
+            key = next((k for k in self.keys if column(k) == name), None)
+            if key is None:
+                if name not in known:
+                    self.ignored.append(name)
+            elif key in self.tied:
+                self.ignored.append(f"{name} ({key} is tied in the model)")
+            else:
+                self.start_columns[key] = name
+        self._psfs = _LRU(64)
+        self._big = _LRU(8)
+        self._wcs_lock = threading.Lock()
+        self._wcs: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # -- cell access ------------------------------------------------------------------------
+    def _text(self, name: str, i: int) -> str | None:
+        if name not in self._cols:
+            return None
+        data, missing = self._cols[name]
+        return None if missing[i] else str(data[i]).strip()
+
+    def _number(self, name: str, i: int, default: float | None = None) -> float | None:
+        if name not in self._cols:
+            return default
+        data, missing = self._cols[name]
+        if missing[i]:
+            return default
         try:
-            image = _load(row, folder, "image")
-            sigma = _load(row, folder, "sigma")
-            mask = _load(row, folder, "mask")
-            psf = _load(row, folder, "psf")
-            psf = default_psf if psf is None else psf
-            if mask is not None and "mask_label" in row.colnames and not np.ma.is_masked(row["mask_label"]):
-                mask = (mask != 0) & (mask != int(row["mask_label"]))
-            for name, arr in (("sigma", sigma), ("mask", mask)):
-                if arr is not None and arr.shape != image.shape:
-                    raise DataError(f"{name} has shape {arr.shape}, the image {image.shape}")
-        except DataError as exc:
-            image, sigma, mask, psf, note = np.full((3, 3), np.nan), None, None, None, (Flag.NO_DATA, str(exc))
-        images.append(image)
-        sigmas.append(np.ones_like(image) if sigma is None else sigma)
-        masks.append(mask)
-        psfs.append(psf)
-        problems.append(note)
-    psf_arg = None
-    if any(p is not None for p in psfs):
-        # a galaxy without a PSF in a catalogue that has PSFs is not fitted (not a whole-run error)
-        delta = np.ones((1, 1))
-        for i, p in enumerate(psfs):
-            if p is None:
-                psfs[i] = delta
-                images[i] = np.full_like(images[i], np.nan)
-                if not problems[i]:
-                    problems[i] = (Flag.BAD_PSF, "no PSF for this galaxy (psf column empty and no --psf)")
-        psf_arg = psfs
-    initial = {k: np.asarray(rows[c], dtype=float) for k, c in overrides.items()}
-    res = fit(model, images, sigmas, masks, psf_arg, psf_kind=args.psf_kind,
-              psf_oversampling=args.psf_oversampling, initial=initial, ids=list(rows["id"]),
-              options=LMOptions(max_iter=args.max_iter), jacobian=args.jacobian, dtype=dtype,
-              device=args.device)
-    t = res.to_table()
-    messages, status = list(t["message"]), list(t["status"])
-    for i, note in enumerate(problems):
-        if note:
-            flag, text = note
-            messages[i], status[i] = text, Status.BAD_INPUT.name.lower()
-            t["flags"][i] = int(flag)
-    t["message"], t["status"] = messages, status  # new columns: no truncation to the old widths
-    if args.uncertainty == "none":
-        for c in t.colnames:
-            if c.endswith("_err"):
-                t[c] = np.nan
-    return t
+            v = float(data[i])
+        except (TypeError, ValueError):
+            raise _Bad(Flag.BAD_VALUE, f"{name} = {data[i]!r} is not a number") from None
+        if not math.isfinite(v):
+            return default
+        return v
+
+    def _file(self, name: str, i: int) -> str | None:
+        """The file named in column ``name`` (relative to the catalogue), else the run option."""
+        spec = self._text(name, i)
+        if spec is not None:
+            return spec if os.path.isabs(spec) else str(self.folder / spec)
+        return getattr(self.options, name)
+
+    # -- one galaxy -------------------------------------------------------------------------
+    def load(self, i: int) -> Stamp:
+        """Read galaxy ``i`` (catalogue row); never raises for problems with its input."""
+        stamp = Stamp(index=i, id=self.ids[i])
+        try:
+            self._load(stamp, i)
+        except _Bad as bad:
+            stamp.note(bad.flag, str(bad))
+            stamp.fatal = True
+        except GalprofError as exc:  # defensive: any other input problem of this galaxy
+            stamp.note(Flag.BAD_VALUE, str(exc))
+            stamp.fatal = True
+        if stamp.fatal:
+            stamp.image = stamp.sigma = stamp.mask = stamp.psf = None
+        return stamp
+
+    def _load(self, s: Stamp, i: int) -> None:
+        o = self.options
+        s.zeropoint = self._number("zeropoint", i, o.zeropoint if o.zeropoint is not None else self.model.zeropoint)
+        scale = self._number("pixel_scale", i, o.pixel_scale)
+        if scale is not None and not scale > 0:
+            raise _Bad(Flag.BAD_VALUE, f"pixel_scale = {scale:g} must be > 0")
+        starts = self._starts(i, s.zeropoint)
+        spec = self._file("image", i)
+        if spec is None:
+            raise _Bad(Flag.BAD_FILE, "no image (empty image column and no --image)")
+        s.source = spec
+        if self.cutout is None:
+            image, header = _read(spec, "image")
+            window = None
+            xy = self._position(i, header)
+            if xy is not None:
+                starts.update(self._centre_starts(xy, i))
+        else:
+            big = self._big.get(spec, _open_big)
+            if isinstance(big, _Bad):
+                raise big
+            data, header = big
+            xy = self._position(i, header)
+            size = self._cutout_size(i, starts)
+            window = _window(xy, size, data.shape)
+            image, outside = _cut(data, window, 0.0)  # pixels outside: masked (EDGE), not bad data
+            if outside.all():
+                raise _Bad(Flag.BAD_VALUE, f"position ({xy[0]:g}, {xy[1]:g}) is outside the image "
+                                           f"({data.shape[1]} x {data.shape[0]} px)")
+            if outside.any():
+                s.note(Flag.EDGE, f"the {size} x {size} cutout runs off the image: {int(outside.sum())} "
+                                  "pixels outside it masked")
+            x1, y1 = window[0] + 1, window[1] + 1  # FITS pixel of the cutout's first pixel
+            s.offset = (float(window[0]), float(window[1]))
+            s.section = f"[{x1}:{x1 + size - 1},{y1}:{y1 + size - 1}]"
+            starts.update(self._centre_starts(xy, i))
+            for k in starts:  # positions: image frame -> stamp frame
+                if self.kinds[k] in ("x", "y"):
+                    starts[k] -= s.offset[0] if self.kinds[k] == "x" else s.offset[1]
+        if scale is None and header is not None:
+            scale = _wcs_scale(header)
+        s.pixel_scale = math.nan if scale is None else scale
+        s.image = image
+        mask = np.zeros(image.shape, bool) if window is None else outside.copy()
+        # noise
+        sigma_spec, weight_spec = self._file("sigma", i), self._file("weight", i)
+        if self._text("sigma", i) is not None:
+            weight_spec = None
+        elif self._text("weight", i) is not None:
+            sigma_spec = None
+        if sigma_spec is not None:
+            s.sigma = self._read_map(sigma_spec, "sigma", image.shape, window)
+        elif weight_spec is not None:
+            w = self._read_map(weight_spec, "weight", image.shape, window)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s.sigma = np.where(w > 0, 1.0 / np.sqrt(w), np.where(w == 0, 1.0, np.nan))
+            mask |= w == 0  # zero weight: no data there (not a problem to flag)
+        else:
+            gain = self._detector("gain", i, header)
+            if gain is None:
+                raise _Bad(Flag.BAD_VALUE, "no sigma map, and no gain to make one: give a sigma or weight map, "
+                                           "or the gain (column, --gain or GAIN in the image header)")
+            try:
+                s.sigma = sigma_from_gain(image, gain=gain, read_noise=self._detector("read_noise", i, header) or 0.0,
+                                          sky=self._number("sky", i, o.sky) or 0.0,
+                                          ncombine=self._detector("ncombine", i, header) or 1.0,
+                                          exptime=self._number("exptime", i, o.exptime) or 1.0)
+            except GalprofError as exc:
+                raise _Bad(Flag.BAD_VALUE, f"cannot make the sigma map: {exc}") from None
+        # mask
+        mask_spec = self._file("mask", i)
+        label = self._number("mask_label", i)
+        mode = self._text("mask_mode", i) or o.mask_mode
+        if mode not in MASK_MODES:
+            raise _Bad(Flag.BAD_VALUE, f"mask_mode {mode!r} is not one of {MASK_MODES}")
+        if mask_spec is not None:
+            m = self._read_map(mask_spec, "mask", image.shape, window, fill=0.0)
+            if label is None:
+                if self._text("mask_mode", i) is not None and mode == "exclusive":
+                    raise _Bad(Flag.BAD_VALUE, "mask_mode exclusive needs the target's mask_label")
+                mask |= m != 0
+            elif mode == "background":
+                mask |= (m != 0) & (m != label)
+            else:
+                mask |= m != label
+        elif label is not None:
+            raise _Bad(Flag.BAD_VALUE, f"mask_label {label:g} given but no mask (segmentation map)")
+        s.mask = mask
+        # PSF
+        if self.use_psf:
+            psf_spec = self._file("psf", i)
+            if psf_spec is None:
+                raise _Bad(Flag.BAD_PSF, "no PSF (empty psf column and no --psf), in a run with PSFs")
+            psf = self._psfs.get(psf_spec, _read_psf)
+            if isinstance(psf, _Bad):
+                raise psf
+            s.psf = psf
+        s.starts = starts
+
+    def _read_map(self, spec: str, what: str, shape, window, fill=1.0) -> np.ndarray:
+        """A sigma, weight or mask map: the whole file (stamps) or the cutout's window of it."""
+        if window is None:
+            arr, _ = _read(spec, what)
+        else:
+            big = self._big.get(spec, _open_big)
+            if isinstance(big, _Bad):
+                raise _Bad(big.flag, f"{what}: {big}")
+            data, _ = big
+            if data.shape != window[3]:
+                raise _Bad(Flag.BAD_FILE, f"{what} map {spec!r} has shape {data.shape}, its image {window[3]}")
+            arr, _ = _cut(data, window, fill)
+        if arr.shape != shape:
+            raise _Bad(Flag.BAD_FILE, f"{what} {spec!r} has shape {arr.shape}, the image {shape}")
+        return arr
+
+    def _detector(self, name: str, i: int, header) -> float | None:
+        v = self._number(name, i, getattr(self.options, name))
+        if v is None and header is not None:
+            for key in HEADER_KEYWORDS.get(name, ()):
+                if key in header:
+                    try:
+                        return float(header[key])
+                    except (TypeError, ValueError):
+                        raise _Bad(Flag.BAD_VALUE, f"header {key} = {header[key]!r} is not a number") from None
+        return v
+
+    def _starts(self, i: int, zeropoint: float) -> dict[str, float]:
+        """Catalogue starting values, mags converted to the model's zeropoint (positions still in
+        the image frame: the caller moves them to the stamp's)."""
+        out = {}
+        for key, name in self.start_columns.items():
+            v = self._number(name, i)
+            if v is None:
+                continue
+            if self.kinds[key] == "mag":
+                v -= zeropoint - self.model.zeropoint
+            out[key] = v
+        return out
+
+    def _position(self, i: int, header) -> tuple[float, float] | None:
+        """The source's (x, y) pixel position in its image (FITS convention), or None."""
+        if self.has_xy:
+            x, y = self._number("x", i), self._number("y", i)
+            if x is not None and y is not None:
+                return x, y
+        if self.has_radec:
+            ra, dec = self._number("ra", i), self._number("dec", i)
+            if ra is not None and dec is not None:
+                return _world_to_pixel(header, ra, dec)
+        if self.cutout is not None:
+            raise _Bad(Flag.BAD_VALUE, "no position (x, y or ra, dec) for the cutout")
+        return None
+
+    def _centre_starts(self, xy: tuple[float, float], i: int) -> dict[str, float]:
+        """The position as the start of every centre parameter the catalogue does not give."""
+        out = {}
+        for key in self.keys:
+            if key in self.tied or key in self.start_columns and self._number(self.start_columns[key], i) is not None:
+                continue
+            if self.kinds[key] == "x":
+                out[key] = xy[0]
+            elif self.kinds[key] == "y":
+                out[key] = xy[1]
+        return out
+
+    def _cutout_size(self, i: int, starts: Mapping[str, float]) -> int:
+        o = self.options
+        if self.cutout == "column" or (self.cutout is not None and "cutout_size" in self._cols):
+            v = self._number("cutout_size", i)
+            if v is not None:
+                if not v >= 3:
+                    raise _Bad(Flag.BAD_VALUE, f"cutout_size = {v:g} must be at least 3")
+                return int(round(v))
+            if self.cutout == "column":
+                raise _Bad(Flag.BAD_VALUE, "no cutout_size for this source")
+        if isinstance(self.cutout, int):
+            return self.cutout
+        radii = [starts.get(k, self.model_values[k]) for k in self.keys
+                 if self.kinds[k] == "length" and k not in self.tied]
+        r = max(radii) if radii else 0.0
+        size = 2 * math.ceil(o.cutout_factor * r) + 1
+        lo, hi = o.cutout_min | 1, o.cutout_max if o.cutout_max % 2 else o.cutout_max - 1
+        return int(min(max(size, lo), hi))
+
+
+def _read(spec: str, what: str):
+    try:
+        return read_image_and_header(spec)
+    except DataError as exc:
+        raise _Bad(Flag.BAD_FILE, f"{what}: {exc}") from None
+    except Exception as exc:  # corrupt files raise beyond OSError
+        raise _Bad(Flag.BAD_FILE, f"{what}: cannot read {spec!r}: {exc}") from None
+
+
+def _read_psf(spec: str):
+    """A PSF file, checked (a failure is returned, so that it is cached too)."""
+    try:
+        data, _ = _read(spec, "psf")
+        prepare_psf(data)
+    except _Bad as bad:
+        return bad
+    except PSFError as exc:
+        return _Bad(Flag.BAD_PSF, f"PSF {spec!r}: {exc}")
+    return data
+
+
+def _window(xy, size: int, shape) -> tuple[int, int, int, tuple[int, int]]:
+    """``(x0, y0, size, image shape)``: 0-based index of the cutout's first column and row, the
+    cutout centred on the pixel that holds (x, y)."""
+    ix = int(math.floor(xy[0] + 0.5)) - 1  # 0-based index of the pixel holding x
+    iy = int(math.floor(xy[1] + 0.5)) - 1
+    return ix - size // 2, iy - size // 2, size, tuple(shape)
+
+
+def _cut(data: np.ndarray, window, fill) -> tuple[np.ndarray, np.ndarray]:
+    """The cutout ``window`` of ``data`` (float64, ``fill`` outside the image) and where it is outside."""
+    x0, y0, size, _ = window
+    ny, nx = data.shape
+    out = np.full((size, size), fill, dtype=np.float64)
+    outside = np.ones((size, size), dtype=bool)
+    xa, xb = max(x0, 0), min(x0 + size, nx)
+    ya, yb = max(y0, 0), min(y0 + size, ny)
+    if xa < xb and ya < yb:
+        out[ya - y0:yb - y0, xa - x0:xb - x0] = data[ya:yb, xa:xb]
+        outside[ya - y0:yb - y0, xa - x0:xb - x0] = False
+    return out, outside
+
+
+def _world_to_pixel(header, ra: float, dec: float) -> tuple[float, float]:
+    from astropy.wcs import WCS
+
+    if header is None or "CTYPE1" not in header:
+        raise _Bad(Flag.BAD_VALUE, "ra/dec given, but the image header has no WCS")
+    try:
+        w = WCS(header).celestial
+        if not w.has_celestial:
+            raise ValueError("no celestial axes")
+        x, y = w.all_world2pix([[ra, dec]], 1)[0]
+    except _Bad:
+        raise
+    except Exception as exc:
+        raise _Bad(Flag.BAD_VALUE, f"cannot convert ra, dec = ({ra:g}, {dec:g}) to pixels: {exc}") from None
+    return float(x), float(y)
+
+
+def _wcs_scale(header) -> float | None:
+    """Pixel scale (arcsec/px, geometric mean of the two axes) from a celestial WCS, if any."""
+    if header is None or "CTYPE1" not in header:
+        return None
+    try:
+        from astropy.wcs import WCS
+        from astropy.wcs.utils import proj_plane_pixel_scales
+
+        w = WCS(header).celestial
+        if not w.has_celestial:
+            return None
+        sx, sy = proj_plane_pixel_scales(w)
+        return float(math.sqrt(sx * sy) * 3600.0)
+    except Exception:
+        return None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, fitting
 from .errors import GalprofError
 from .io.fits import read_image, write_model_image
 from .model import load_model
@@ -48,25 +48,69 @@ def _parser() -> argparse.ArgumentParser:
                    "RESULTS --id ID --out F.feedme (see galprof export --help)")
     sub.add_parser("plot", add_help=False, help="catalogue diagnostics of a results table: galprof plot RESULTS "
                    "--out DIR [--compare OTHER] (see galprof plot --help)")
-    f = sub.add_parser("fit", help="fit a model to the galaxies of a catalogue")
+    f = sub.add_parser("fit", help="fit a model to the galaxies of a catalogue (streaming, resumable)",
+                       description="Fit MODEL to every galaxy of a catalogue; write result tables (and image "
+                                   "blocks) to --out DIR. Re-running the same command resumes. See docs/pipeline.md.")
     f.add_argument("model", help="YAML model file (its values are the starting values)")
     f.add_argument("--catalog", required=True,
-                   help="CSV or FITS table: id, image, and optional sigma, psf, mask, mask_label and "
-                        "<component>_<param> columns (paths relative to the catalogue's folder)")
-    f.add_argument("--out", required=True, help="output folder (results.fits, results.csv)")
-    f.add_argument("--psf", help="PSF for every galaxy without a psf column")
-    f.add_argument("--psf-kind", choices=PSF_KINDS, default="star")
-    f.add_argument("--psf-oversampling", type=int, default=1)
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
-    f.add_argument("--batch-size", type=int, default=64)
-    f.add_argument("--optimizer", choices=["lm"], default="lm")
-    f.add_argument("--jacobian", choices=["autodiff", "finite-difference"], default="autodiff")
-    f.add_argument("--uncertainty", choices=["covariance", "none"], default="covariance")
-    f.add_argument("--max-iter", type=int, default=100)
-    from .morphology.cli import add_parser as add_morph_parser
-
-    add_morph_parser(sub)
+                   help="CSV, ECSV, FITS or Parquet table: id, image, and optional sigma or weight, psf, mask, "
+                        "mask_label, mask_mode, zeropoint, pixel_scale, gain, read_noise, sky, exptime, ncombine, "
+                        "x, y or ra, dec, cutout_size and <component>_<param> columns (paths relative to the "
+                        "catalogue's folder; file.fits[N] selects an HDU)")
+    f.add_argument("--out", required=True, help="output folder (results.*, parts/, images/, galprof.log)")
+    f.add_argument("--format", action="append", metavar="FMT",
+                   help="result table format(s): fits, csv, parquet, h5 (comma-separated or repeated; "
+                        "default fits,csv)")
+    f.add_argument("--save-images", action="store_true",
+                   help="write an image block per galaxy (images/<id>.fits: data, model, residual, sigma, mask, "
+                        "one HDU per component)")
+    f.add_argument("--resume", action="store_true",
+                   help="resume a previous run in --out (the default whenever its model and options match)")
+    f.add_argument("--overwrite", action="store_true", help="delete the previous results in --out first")
+    f.add_argument("--retry-bad", action="store_true",
+                   help="when resuming, fit again the galaxies whose input was bad (e.g. after fixing files)")
+    g = f.add_argument_group("inputs (defaults for rows without the column)")
+    g.add_argument("--image", help="one (large) image for every row: sources are cut out of it (see --cutout)")
+    g.add_argument("--sigma", help="sigma map (same shape as the image)")
+    g.add_argument("--weight", help="weight map, 1/sigma^2 (0 = no data)")
+    g.add_argument("--mask", help="mask (nonzero = bad) or segmentation map (with mask_label)")
+    g.add_argument("--mask-mode", choices=["background", "exclusive"], default="background",
+                   help="with mask_label: mask the other sources (background) or all but the target (exclusive)")
+    g.add_argument("--psf", help="PSF for every galaxy without a psf column")
+    g.add_argument("--psf-kind", choices=PSF_KINDS, default="star")
+    g.add_argument("--psf-oversampling", type=int, default=1)
+    g.add_argument("--zeropoint", type=float, help="magnitude zeropoint (default: the model's)")
+    g.add_argument("--pixel-scale", type=float, help="arcsec per pixel (default: from the image's WCS, if any)")
+    g.add_argument("--gain", type=float, help="e-/ADU, to make sigma maps (default: GAIN in the image header)")
+    g.add_argument("--read-noise", type=float, help="e- per exposure (default: RDNOISE in the header, else 0)")
+    g.add_argument("--sky", type=float, help="sky level subtracted from the images (default 0)")
+    g.add_argument("--exptime", type=float, help="exposure time, for images in ADU/s (default 1)")
+    g.add_argument("--ncombine", type=float, help="exposures averaged per image (default: NCOMBINE, else 1)")
+    g.add_argument("--cutout", type=_cutout_size, metavar="SIZE|auto",
+                   help="cut a SIZE x SIZE stamp (or one sized from the starting radii: auto) around each "
+                        "source's x, y or ra, dec; default auto with --image")
+    g.add_argument("--cutout-factor", type=float, default=8.0,
+                   help="auto cutouts: 2 ceil(factor r) + 1 pixels, r the largest starting radius (default 8)")
+    g.add_argument("--cutout-min", type=int, default=33, help="auto cutouts: smallest size (default 33)")
+    g.add_argument("--cutout-max", type=int, default=255, help="auto cutouts: largest size (default 255)")
+    h = f.add_argument_group("fitting")
+    h.add_argument("--device", default="cpu")
+    h.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
+    h.add_argument("--batch-size", type=int, default=64)
+    h.add_argument("--optimizer", choices=list(getattr(fitting, "OPTIMIZERS", ("lm", "adam"))), default="lm")
+    h.add_argument("--jacobian", choices=["autodiff", "finite-difference"], default="autodiff")
+    h.add_argument("--uncertainty", choices=list(getattr(fitting, "UNCERTAINTIES", ("covariance", "bootstrap",
+                                                                                    "none"))),
+                   default="covariance")
+    h.add_argument("--bootstrap-samples", type=int, default=100)
+    h.add_argument("--statistic", choices=list(getattr(fitting, "STATISTICS", ("chi2", "cash"))), default="chi2")
+    h.add_argument("--restarts", type=int, default=0)
+    h.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and restarts (default 0)")
+    h.add_argument("--max-iter", type=int, help="iteration cap (default: the optimiser's)")
+    r = f.add_argument_group("running")
+    r.add_argument("--workers", type=int, default=2, help="threads reading files ahead of the fit (default 2)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when it is a terminal)")
     return p
 
 
@@ -102,6 +146,45 @@ def _render(args) -> int:
     return 0
 
 
+def _cutout_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in pixels or 'auto', got {text!r}") from None
+
+
+def _fit(args) -> int:
+    from .catalog import Catalog, InputOptions
+    from .pipeline import FitOptions, Interrupted, PipelineOptions, run_pipeline
+
+    model = load_model(args.model)
+    formats = [f.strip() for item in (args.format or ["fits,csv"]) for f in item.split(",") if f.strip()]
+    cutout = args.cutout if args.cutout is not None else ("auto" if args.image else None)
+    inputs = InputOptions(image=args.image, sigma=args.sigma, weight=args.weight, psf=args.psf, mask=args.mask,
+                          mask_mode=args.mask_mode, zeropoint=args.zeropoint, pixel_scale=args.pixel_scale,
+                          gain=args.gain, read_noise=args.read_noise, sky=args.sky, exptime=args.exptime,
+                          ncombine=args.ncombine, cutout=cutout, cutout_factor=args.cutout_factor,
+                          cutout_min=args.cutout_min, cutout_max=args.cutout_max)
+    catalog = Catalog(args.catalog, model, inputs)
+    fit_options = FitOptions(dtype=args.dtype, device=args.device, psf_kind=args.psf_kind,
+                             psf_oversampling=args.psf_oversampling, jacobian=args.jacobian,
+                             optimizer=args.optimizer, max_iter=args.max_iter, uncertainty=args.uncertainty,
+                             n_bootstrap=args.bootstrap_samples, seed=args.seed, statistic=args.statistic,
+                             restarts=args.restarts)
+    options = PipelineOptions(out=args.out, formats=formats, save_images=args.save_images,
+                              batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
+                              retry_bad=args.retry_bad, progress=args.progress, fit=fit_options)
+    # extra per-galaxy columns plug in here (e.g. a future --morphology): run_pipeline(..., hooks=[...])
+    try:
+        run_pipeline(model, catalog, options, model_source=str(args.model))
+    except Interrupted as exc:
+        print(f"galprof: {exc}", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     from .single import single_command  # fit of a GALFIT feedme / IMFIT configuration, export
@@ -113,16 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command is not None:
             return command()
-        if args.command == "morph":
-            from .morphology.cli import run as run_morph
-
-            return run_morph(args)
         if args.command == "render":
             return _render(args)
         if args.command == "fit":
-            from .catalog import fit_catalog
-
-            return fit_catalog(args)
+            return _fit(args)
     except GalprofError as exc:
         print(f"galprof: error: {exc}", file=sys.stderr)
         return 2
@@ -131,3 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> None:  # pragma: no cover - console script
     sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m galprof.cli
+    entry_point()
