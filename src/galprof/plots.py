@@ -198,7 +198,7 @@ def _profile_panel(ax, model, values, data, model_image, components, good, sigma
         ax.set_yscale("symlog", linthresh=max(float(np.nanmedian(np.abs(err))) if np.isfinite(err).any() else 1e-3,
                                              1e-12))
         ax.set_ylabel("counts / px")
-    ax.set_xscale("symlog", linthresh=2.0)
+    ax.set_xlim(0, None)
     ax.set_xlabel("semi-major radius [px]")
     ax.legend(fontsize=7, loc="best")
 

@@ -41,6 +41,7 @@ from .io.galfit import (
 )
 from .io.imfit import ImfitConfig, is_imfit_config, read_imfit_config
 from .model import Component, Model, load_model
+from .noise import sigma_from_gain
 from .params import Parameter
 from .render import PSF_KINDS, Renderer
 
@@ -143,8 +144,6 @@ def from_feedme(path: str | os.PathLike, *, psf_kind: str = "optical", gain: flo
         if sigma.shape != image.shape:
             raise DataError(f"sigma image {str(sigma_path)!r} has shape {sigma.shape}, the image {image.shape}")
     elif gain is not None:
-        from .noise import sigma_from_gain
-
         sigma = sigma_from_gain(image, gain=gain, read_noise=readnoise, sky=sky, ncombine=ncombined,
                                 exptime=s.exptime)
         if s.min_sigma is not None:  # "C) none 0.1": sigma at least 0.1 times the data
@@ -205,8 +204,6 @@ def from_imfit(config: str | os.PathLike, image: str, *, mask: str | None = None
             else:
                 raise DataError(f"noise_type must be sigma, variance or weight, got {noise_type!r}")
     else:
-        from .noise import sigma_from_gain
-
         sigma = sigma_from_gain(data, gain=gain, read_noise=readnoise, sky=sky, ncombine=ncombined, exptime=exptime)
     m = None
     if mask is not None:
