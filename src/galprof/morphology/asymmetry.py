@@ -68,10 +68,17 @@ class AsymmetryFunction:
         p = self.pad
         self.hp, self.wp = hh + 2 * p, ww + 2 * p
         self.has_mask = bool(mask.any())
-        # image and mask side by side, so that one index_select reads both
         self.img = F.pad(image, (p, p, p, p)).reshape(-1)
-        self.msk = F.pad(mask, (p, p, p, p)).reshape(-1) if self.has_mask else None
-        self.ny, self.nx = ny.to(dt), nx.to(dt)
+        # pixel state: 1 = inside the stamp, 2 = masked (a masked pixel is inside)
+        yy = torch.arange(hh, device=dev).view(1, hh, 1)
+        xx = torch.arange(ww, device=dev).view(1, 1, ww)
+        inside = (yy < ny.view(-1, 1, 1)) & (xx < nx.view(-1, 1, 1))
+        state = inside.to(torch.uint8) + 2 * (mask & inside).to(torch.uint8)
+        self.state = F.pad(state, (p, p, p, p)).reshape(-1)
+        self.lim = torch.stack([nx, ny]).to(dt)  # (2, B)
+        self.base = torch.arange(b, device=dev) * (self.hp * self.wp)
+        # window origin, rotated-image source window, rotated-mask window (added to the integer parts)
+        self._off = torch.tensor([p - h, p - h - 1, p - h - 1], device=dev).view(3, 1, 1)
         self.sky = torch.full((b,), float("nan"), dtype=dt, device=dev) if sky is None else sky.to(dt)
         self.inner = inner.to(dt) if inner is not None else None
         self.elong = elongation.to(dt) if elongation is not None else None
@@ -83,8 +90,6 @@ class AsymmetryFunction:
         self._sgrid = src.view(w + 1, 1) * self.wp + src.view(1, w + 1)
         back = torch.arange(w - 1, -1, -1, device=dev)
         self._bgrid = back.view(w, 1) * self.wp + back.view(1, w)
-        self._colf = ar.to(dt).view(1, 1, w)
-        self._rowf = ar.to(dt).view(1, w, 1)
         if kind in ("cas", "rms", "shape"):
             self._static_ring()
 
@@ -105,55 +110,42 @@ class AsymmetryFunction:
         k = max(k, 1)
         order = torch.sort(ring.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
         self.ring_idx = order
-        self.ring_valid = (torch.arange(k, device=dev)[None, :] < counts[:, None]).to(dt)
-        self.ring_du = (order % w).to(dt) - h
-        self.ring_dv = (order // w).to(dt) - h
+        valid = (torch.arange(k, device=dev)[None, :] < counts[:, None]).to(dt)
+        self.ring = torch.stack([(order % w).to(dt) - h, (order // w).to(dt) - h, valid], 1)
 
-    # -- the two windows: image/mask around the centre and their rotated versions --
-    def _window(self, idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor):
-        h, p, w = self.h, self.pad, self.win
-        nx, ny = self.nx[idx], self.ny[idx]
-        oob = (cx < 0) | (cx >= nx) | (cy < 0) | (cy >= ny)
-        c = torch.stack([cx, cy]).masked_fill(oob, 0.0)  # (2, P)
-        fl = torch.floor(c)
-        frac = c - fl
-        two = 2 * c
-        n2 = torch.floor(two)
-        g = (two - n2).view(2, -1, 1, 1)
-        base = idx * (self.hp * self.wp)
-        npts = idx.shape[0]
-        o = (fl - (h - p)).to(torch.long)  # window origin in the padded canvas
-        gidx = ((base + o[1] * self.wp + o[0]).view(-1, 1, 1) + self._grid).reshape(-1)
-        im = self.img.index_select(0, gidx).view(npts, w, w)
-        # rotated image: window of pixels floor(2c) - floor(c) - h - 1 + t (t = 0..W), read
-        # backwards, then bilinear weights along x and along y (skimage's order of operations)
-        so = (n2 - fl).to(torch.long) - (h + 1 - p)
-        sidx = ((base + so[1] * self.wp + so[0]).view(-1, 1, 1) + self._sgrid).reshape(-1)
-        src = self.img.index_select(0, sidx).view(npts, w + 1, w + 1)
-        rows = torch.lerp(src[:, :, 1:], src[:, :, :-1], g[0])
-        rot = torch.lerp(rows[:, 1:], rows[:, :-1], g[1])
-        # usable pixels: inside the stamp and not masked in either orientation
-        x0 = (fl[0] - h).view(-1, 1, 1) + self._colf
-        y0 = (fl[1] - h).view(-1, 1, 1) + self._rowf
-        valid = ((x0 >= 0) & (x0 < nx.view(-1, 1, 1))) & ((y0 >= 0) & (y0 < ny.view(-1, 1, 1)))
-        # pixels off the stamp do not exist for the aperture sums (their mirror image may)
-        rot = rot.masked_fill(~valid, 0.0)
-        if self.has_mask:
-            # nearest neighbour of the mask: pixel floor(2c + 1/2) - x
-            sm = (torch.floor(two + 0.5) - fl).to(torch.long) - (h + 1 - p)
-            midx = ((base + sm[1] * self.wp + sm[0]).view(-1, 1, 1) + self._bgrid).reshape(-1)
-            msym = self.msk.index_select(0, gidx).view(npts, w, w) | self.msk.index_select(0, midx).view(npts, w, w)
-            im = im.masked_fill(msym, 0.0)
-            rot = rot.masked_fill(msym, 0.0)
-            valid = valid & ~msym
-        return im, rot, valid, frac, oob
-
+    # -- evaluation --
     def __call__(self, idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
         """Asymmetry of stamps ``idx`` about ``(cx, cy)`` (pixels, stamp coordinates)."""
-        if idx.numel() == 0:
+        npts = idx.numel()
+        if npts == 0:
             return torch.empty(0, dtype=self.dtype, device=self.device)
-        im, rot, valid, frac, oob = self._window(idx, cx.to(self.dtype), cy.to(self.dtype))
-        terms = torch.empty((im.shape[0], 3) + im.shape[1:], dtype=self.dtype, device=self.device)
+        w = self.win
+        c = torch.stack([cx, cy]).to(self.dtype)  # (2, P)
+        oob = ((c < 0) | (c >= self.lim[:, idx])).any(0)
+        c = c.masked_fill(oob, 0.0)
+        fl = torch.floor(c)
+        frac = c - fl
+        two = c + c
+        n2 = torch.floor(two)
+        g = (two - n2).view(2, -1, 1, 1)
+        # integer parts: floor(c) (window), floor(2c) - floor(c) (rotated image), floor(2c + 1/2) - floor(c) (mask)
+        ints = torch.stack([fl, n2 - fl, torch.floor(two + 0.5) - fl]).to(torch.long) + self._off  # (3, 2, P)
+        starts = (self.base[idx] + ints[:, 1] * self.wp + ints[:, 0]).view(3, -1, 1, 1)
+        gidx = (starts[0] + self._grid).view(-1)
+        im = self.img.index_select(0, gidx).view(npts, w, w)
+        st = self.state.index_select(0, gidx).view(npts, w, w)
+        # rotated image: bilinear weights along x, then along y (skimage's order of operations)
+        src = self.img.index_select(0, (starts[1] + self._sgrid).view(-1)).view(npts, w + 1, w + 1)
+        rot = self._bilinear(src, g)
+        if self.has_mask:
+            # usable: inside the stamp, not masked here nor at the mirror pixel floor(2c + 1/2) - x
+            srot = self.state.index_select(0, (starts[2] + self._bgrid).view(-1)).view(npts, w, w)
+            valid = (st == 1) & (srot < 2)
+            im = im.masked_fill(~valid, 0.0)
+        else:
+            valid = st == 1
+        rot = rot.masked_fill(~valid, 0.0)  # off-stamp pixels do not exist for the sums
+        terms = torch.empty((npts, 3, w, w), dtype=self.dtype, device=self.device)
         torch.sub(rot, im, out=terms[:, 0])
         if self.kind == "rms":
             terms[:, 0].square_()
@@ -162,17 +154,17 @@ class AsymmetryFunction:
             terms[:, 0].abs_()
             torch.abs(im, out=terms[:, 1])
         terms[:, 2].copy_(valid)
-        terms = terms.flatten(2)
+        terms = terms.view(npts, 3, w * w)
         if self.kind == "outer":
-            w = self._ellipse_weights(idx, frac[0], frac[1]).flatten(1)
-            sums = torch.bmm(terms, w.unsqueeze(2)).squeeze(2)
+            wgt = self._ellipse_weights(idx, frac[0], frac[1]).view(npts, w * w, 1)
+            sums = torch.bmm(terms, wgt).squeeze(2)
         else:
-            sums = torch.bmm(terms, self.interior[idx].unsqueeze(2)).squeeze(2)
-            k = self.ring_idx.shape[1]
-            ring = terms.gather(2, self.ring_idx[idx].unsqueeze(1).expand(-1, 3, k))
-            wr = circle_pixel_overlap(self.ring_du[idx] - frac[0, :, None], self.ring_dv[idx] - frac[1, :, None],
-                                      self.radius[idx, None]) * self.ring_valid[idx]
-            sums = sums + torch.bmm(ring, wr.unsqueeze(2)).squeeze(2)
+            ring = self.ring[idx]  # (P, 3, K): offsets from floor(c) and validity
+            k = ring.shape[2]
+            wr = circle_pixel_overlap(ring[:, 0] - frac[0, :, None], ring[:, 1] - frac[1, :, None],
+                                      self.radius[idx, None]) * ring[:, 2]
+            vals = terms.gather(2, self.ring_idx[idx].unsqueeze(1).expand(-1, 3, k))
+            sums = (torch.bmm(terms, self.interior[idx].unsqueeze(2)) + torch.bmm(vals, wr.unsqueeze(2))).squeeze(2)
         num, den, area = sums.unbind(1)
         sky = self.sky[idx]
         has_sky = torch.isfinite(sky)
@@ -184,6 +176,11 @@ class AsymmetryFunction:
         else:
             value = torch.where(has_sky, (num - area * sky) / den, num / den)
         return torch.where(oob | (den == 0), torch.full_like(value, BAD_VALUE), value)
+
+    @staticmethod
+    def _bilinear(src: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        rows = torch.lerp(src[:, :, 1:], src[:, :, :-1], g[0])
+        return torch.lerp(rows[:, 1:], rows[:, :-1], g[1])
 
     def _ellipse_weights(self, idx, fx, fy):
         w, h = self.win, self.h

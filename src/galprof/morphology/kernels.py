@@ -2,9 +2,9 @@
 
 Pure functions on tensors: images are ``(B, H, W)`` canvases (one stamp per row of the batch,
 zero-padded to a common size), per-stamp extents ``ny``, ``nx`` say how much of each canvas is
-the stamp. dtype and device follow the inputs. The few loops that run to convergence (flood
-fill, root finding, simplex) read one boolean back to the host per iteration to know when
-every stamp is done; that count is bounded and documented in each function.
+the stamp. dtype and device follow the inputs. The few loops that run to convergence (component
+labelling, root finding, simplex, sigma clipping) read back to the host once per iteration to
+know which stamps are still active; each function says so.
 """
 
 from __future__ import annotations

@@ -645,7 +645,7 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
                        labels: Sequence[int | None] | None = None, masks: Sequence[np.ndarray | None] | None = None,
                        sigmas: Sequence[np.ndarray | None] | None = None, *, gain: float | None = None,
                        ids: Sequence | None = None, options: MorphologyOptions | None = None,
-                       detect_options=None, batch_size: int = 256, device: str | torch.device = "cpu",
+                       detect_options=None, batch_size: int = 64, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float64) -> Table:
     """Non-parametric morphology (CAS, Gini-M20, radii) of each stamp, statmorph's definitions.
 

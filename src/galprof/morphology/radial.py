@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from .geometry import circle_pixel_overlap, ellipse_pixel_overlap
@@ -290,7 +289,3 @@ def fraction_radius(prof: RadialProfile, r_total: torch.Tensor, fractions: list[
         root, _ = brentq(fun, lo, hi, fa, fb, xtol=xtol)
         out[i, j] = root
     return out, zero_total, negative
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
