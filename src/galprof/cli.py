@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2, help="threads reading files ahead of the fit (default 2)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when it is a terminal)")
+    from .morphology.cli import add_parser as add_morph_parser
+
+    add_morph_parser(sub)
     return p
 
 
@@ -196,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command is not None:
             return command()
+        if args.command == "morph":
+            from .morphology.cli import run as run_morph
+
+            return run_morph(args)
         if args.command == "render":
             return _render(args)
         if args.command == "fit":
