@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--dtype", default="float64")
-    ap.add_argument("--jacobian", default="autodiff", choices=["autodiff", "finite-difference"])
+    ap.add_argument("--jacobian", default="finite-difference", choices=["autodiff", "finite-difference"])
+    ap.add_argument("--optimizer", default="lm", choices=["lm", "adam", "diffgrad"])
     args = ap.parse_args(argv)
     truths, images, sigmas, psf, rng = simulate(args.n)
     start = {k: [] for k in ("x0", "y0", "mag", "re", "n", "q", "pa")}
@@ -65,10 +66,10 @@ def main(argv=None) -> int:
         "profile": "sersic", "x0": 64.5, "y0": 64.5, "mag": -7.0, "re": 4.0, "n": 2.0, "q": 0.7, "pa": 0.0}}})
     t0 = time.perf_counter()
     res = galprof.fit(model, images, sigmas, psf=psf, initial={f"g.{k}": v for k, v in start.items()},
-                      dtype=getattr(torch, args.dtype), jacobian=args.jacobian)
+                      dtype=getattr(torch, args.dtype), jacobian=args.jacobian, optimizer=args.optimizer)
     dt = time.perf_counter() - t0
     ok = res.status == 0
-    print(f"# galprof LM, {args.n} galaxies 128x128, {args.dtype}, {args.jacobian} Jacobian, "
+    print(f"# galprof {args.optimizer}, {args.n} galaxies 128x128, {args.dtype}, {args.jacobian} Jacobian, "
           f"{torch.get_num_threads()} threads")
     print(f"time {dt:.1f} s, {args.n / dt:.2f} galaxies/s, converged {ok.mean():.0%}, "
           f"median iterations {np.median(res.n_iter):.0f}")

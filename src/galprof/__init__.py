@@ -6,7 +6,7 @@ semi-major, in pixels; mag = -2.5 log10(total flux) + zeropoint. See docs/conven
 """
 
 from .errors import DataError, GalprofError, GalprofWarning, ModelError, ParameterError, PSFError
-from .fitting import FitResult, LMOptions, fit
+from .fitting import AdamOptions, FitResult, LMOptions, fit
 from .flags import Flag, Status
 from .model import Component, Model, load_model
 from .params import Parameter, ParameterLayout, ParamSpec, Tie
@@ -22,6 +22,7 @@ __all__ = [
     "LMOptions",
     "Status",
     "fit",
+    "AdamOptions",
     "DataError",
     "EllipticalProfile",
     "GalprofError",

@@ -15,24 +15,63 @@ __all__ = ["FitProblem"]
 _UNBOUNDED_STEP = {"x": 2.0, "y": 2.0, "mag": 0.5, "angle": 20.0, "length": 2.0}
 
 
-class FitProblem:
-    """Weighted residuals ``sqrt(w) (model - data)`` of a batch as a function of the
-    unconstrained free parameters ``z`` (B, P), and their Jacobian by forward-mode autodiff
-    through the renderer (one pass per free parameter; the PSF is part of the model).
+STATISTICS = ("chi2", "cash")
 
-    Every method takes ``index``, the galaxies of the batch that ``z`` holds (compacted
-    active sets): galaxies are independent, so a subset costs only its own share.
+
+def poisson_deviance_residuals(model: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Signed square roots of the Poisson deviance terms, ``sign(m - d) sqrt(2 (m - d - d ln(m/d)))``.
+
+    Their squares sum to the Cash statistic ``2 sum(m - d ln m)`` up to a constant of the data
+    (IMFIT's "modified Cash" / Poisson maximum-likelihood-ratio statistic), so least squares on
+    them is maximum likelihood for Poisson counts. Written as ``(m - d) sqrt(f(m/d) / d)``
+    with ``f(u) = 2 (u - 1 - ln u) / (u - 1)^2`` (a series near u = 1), smooth at m = d.
+    Pixels with d = 0 give ``sqrt(2 m)``; a model <= 0 where d > 0 gives NaN (rejected step).
+    """
+    pos = data > 0
+    d = torch.where(pos, data, torch.ones_like(data))
+    u = model / d
+    e = u - 1
+    near = e.abs() < 1e-3
+    e_far = torch.where(near, torch.ones_like(e), e)
+    f_far = 2 * (e_far - torch.log(torch.where(near, torch.full_like(u, 2.0), u))) / (e_far * e_far)
+    f_near = 1 + e * (-2.0 / 3 + e * (0.5 + e * (-0.4 + e / 3)))
+    f = torch.where(near, f_near, f_far)
+    r_pos = (model - d) * torch.sqrt(f / d)
+    m0 = torch.where(pos, torch.ones_like(model), model)
+    r_zero = torch.sqrt(2 * m0)
+    return torch.where(pos, r_pos, r_zero)
+
+
+class FitProblem:
+    """Residuals of a batch as a function of the unconstrained free parameters ``z`` (B, P),
+    and their Jacobian through the renderer (the PSF is part of the model).
+
+    With ``statistic="chi2"`` the residuals are ``sqrt(w) (model - data)`` (w = 1/sigma^2 on
+    good pixels); with ``"cash"`` they are the signed Poisson deviance terms of
+    :func:`poisson_deviance_residuals` on good pixels (data and model in counts). Either way
+    the fit minimises their sum of squares.
+
+    Every method takes ``index``, the rows of the problem that ``z`` holds (compacted active
+    sets): rows are independent, so a subset costs only its own share. A row is a galaxy of
+    the batch, unless ``rows`` maps rows to galaxies (bootstrap resamples), each row then
+    weighting its pixels by ``multiplicity`` (rows, H, W) as well.
     """
 
     def __init__(self, renderer: Renderer, layout: ParameterLayout, batch: StampBatch, *,
-                 jacobian: str = "autodiff"):
+                 jacobian: str = "autodiff", statistic: str = "chi2", rows: torch.Tensor | None = None,
+                 multiplicity: torch.Tensor | None = None):
         if jacobian not in ("autodiff", "finite-difference"):
             raise ValueError(f"jacobian must be 'autodiff' or 'finite-difference', got {jacobian!r}")
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         self.jacobian = jacobian
+        self.statistic = statistic
         self.renderer = renderer
         self.layout = layout
         self.batch = batch
-        self.sqrt_w = batch.weights.sqrt()
+        self.rows = rows
+        self.multiplicity = multiplicity
+        self.sqrt_w = batch.weights.sqrt() if statistic == "chi2" else (batch.weights > 0).to(batch.weights.dtype)
         self.n_free = len(layout.free)
         #: largest step per iteration of each free parameter, in the optimiser's space:
         #: 1 for bounded (transformed) parameters, a physical scale for unbounded ones
@@ -49,21 +88,52 @@ class FitProblem:
     def values(self, z: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.subset(index).physical(z)
 
-    def residuals(self, z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(b, H*W) weighted residuals of the galaxies ``index``."""
-        model = self.renderer(self.values(z, index), check=False, index=index)
-        r = (model - self.batch.images[index]) * self.sqrt_w[index]
+    def model(self, z: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(b, H, W) model images of the rows ``index``."""
+        g = index if self.rows is None else self.rows[index]
+        return self.renderer(self.values(z, index), check=False, index=g)
+
+    def residuals(self, z: torch.Tensor, index: torch.Tensor, pearson: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, H*W) residuals of the rows ``index``.
+
+        ``pearson`` (b, H, W), a fixed model image, replaces the statistic by Pearson's
+        ``(model - data) / sqrt(pearson)``, whose ``J^T J`` is the Poisson Fisher information
+        (used for the covariance of Cash fits).
+        """
+        g = index if self.rows is None else self.rows[index]
+        model = self.renderer(self.values(z, index), check=False, index=g)
+        data = self.batch.images[g]
+        sw = self.sqrt_w[g]
+        if self.multiplicity is not None:
+            sw = sw * self.multiplicity[index].to(sw.dtype).sqrt()
+        if pearson is not None:
+            tiny = torch.finfo(model.dtype).tiny
+            r = (model - data) * sw / torch.sqrt(pearson.clamp(min=tiny))
+        elif self.statistic == "cash":
+            # masked pixels: data and model replaced by 1 so the (zero-weighted) term is finite
+            good = sw > 0
+            one = torch.ones_like(model)
+            r = poisson_deviance_residuals(torch.where(good, model, one), torch.where(good, data, one)) * sw
+        else:
+            r = (model - data) * sw
         return r.reshape(r.shape[0], -1)
 
-    def normal_equations(self, z: torch.Tensor, index: torch.Tensor):
+    def normal_equations(self, z: torch.Tensor, index: torch.Tensor, *, fisher: bool = False):
         """``J^T J`` (b, P, P), ``J^T r`` (b, P) and ``chi2`` (b,) at ``z``.
 
         J is built one column at a time (forward mode), so memory is that of P residual
-        vectors, never of a dense (pixels x pixels) object.
+        vectors, never of a dense (pixels x pixels) object. ``fisher=True`` (for the
+        covariance) makes ``J^T J`` the Fisher information of the statistic: for chi2 it is
+        already; for Cash it is ``sum (dm/dtheta)^2 / m`` (Pearson weights at ``z``), and the
+        returned chi2 and gradient are then Pearson's.
         """
         b, P = z.shape
+        resid = self.residuals
+        if fisher and self.statistic == "cash":
+            base = self.model(z, index).detach()
+            resid = lambda zz, ii: self.residuals(zz, ii, pearson=base.repeat(ii.numel() // b, 1, 1))
         if P == 0:
-            r = self.residuals(z, index)
+            r = resid(z, index)
             return (torch.zeros(b, 0, 0, dtype=z.dtype, device=z.device),
                     torch.zeros(b, 0, dtype=z.dtype, device=z.device), (r * r).sum(1))
         if self.jacobian == "finite-difference":
@@ -73,15 +143,15 @@ class FitProblem:
             zp = z[None].repeat(P, 1, 1)                                          # (P, b, P)
             eye = torch.eye(P, dtype=z.dtype, device=z.device)
             zp = zp + eye[:, None, :] * h[None]
-            r = self.residuals(z, index)
-            rp = self.residuals(zp.reshape(P * b, P), index.repeat(P)).reshape(P, b, -1)
+            r = resid(z, index)
+            rp = resid(zp.reshape(P * b, P), index.repeat(P)).reshape(P, b, -1)
             J = ((rp - r[None]) / h.T[:, :, None]).permute(1, 2, 0)               # (b, N, P)
         else:
             cols = []
             for p in range(P):
                 tangent = torch.zeros_like(z)
                 tangent[:, p] = 1.0
-                r, dr = jvp(lambda zz: self.residuals(zz, index), (z,), (tangent,))
+                r, dr = jvp(lambda zz: resid(zz, index), (z,), (tangent,))
                 cols.append(dr)
             J = torch.stack(cols, dim=-1)                 # (b, N, P)
         return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r[..., None])[..., 0], (r * r).sum(1)

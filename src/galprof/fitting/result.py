@@ -27,6 +27,11 @@ class FitResult:
         available: fixed parameters, singular normal matrix, galaxies not fitted)
     covariance : (B, K, K) covariance of all parameters in ``keys`` order (physical units)
     chi2, dof, n_iter, status, flags, messages, ids
+    uncertainty : how ``errors`` were made: "covariance", "bootstrap" or "none"
+    statistic : "chi2" or "cash" (``chi2`` then holds the Poisson deviance)
+    errors_covariance : the covariance errors (also kept when ``errors`` are bootstrap ones)
+    percentiles : with the bootstrap, ``{key: (B, 2)}`` 16th and 84th percentiles
+    bootstrap_samples : with the bootstrap, ``{key: (B, n_bootstrap)}`` refitted values
     """
 
     keys: list[str]
@@ -41,6 +46,11 @@ class FitResult:
     flags: np.ndarray
     messages: list[str] = field(default_factory=list)
     ids: list | None = None
+    uncertainty: str = "covariance"
+    statistic: str = "chi2"
+    errors_covariance: dict[str, np.ndarray] | None = None
+    percentiles: dict[str, np.ndarray] | None = None
+    bootstrap_samples: dict[str, np.ndarray] | None = None
 
     @property
     def chi2_nu(self) -> np.ndarray:
@@ -55,8 +65,9 @@ class FitResult:
             return self.covariance / (d[:, :, None] * d[:, None, :])
 
     def to_table(self):
-        """An astropy Table: ``id``, ``<comp>_<param>`` and ``_err`` for every parameter,
-        ``chi2``, ``dof``, ``chi2_nu``, ``n_iter``, ``status``, ``flags``, ``message``."""
+        """An astropy Table: ``id``, ``<comp>_<param>`` and ``_err`` for every parameter (with the
+        bootstrap also ``_p16`` and ``_p84``), ``chi2``, ``dof``, ``chi2_nu``, ``n_iter``,
+        ``status``, ``flags``, ``message``; the uncertainty method and statistic in ``meta``."""
         from astropy.table import Table
 
         n = len(self.chi2)
@@ -65,6 +76,9 @@ class FitResult:
         for key in self.keys:
             t[column(key)] = self.values[key]
             t[column(key) + "_err"] = self.errors[key]
+            if self.percentiles is not None:
+                t[column(key) + "_p16"] = self.percentiles[key][:, 0]
+                t[column(key) + "_p84"] = self.percentiles[key][:, 1]
         t["chi2"] = self.chi2
         t["dof"] = self.dof
         t["chi2_nu"] = self.chi2_nu
@@ -72,4 +86,6 @@ class FitResult:
         t["status"] = [Status(int(s)).name.lower() for s in self.status]
         t["flags"] = self.flags
         t["message"] = [m or describe_flags(int(f)) for m, f in zip(self.messages, self.flags)]
+        t.meta["uncertainty"] = self.uncertainty
+        t.meta["statistic"] = self.statistic
         return t

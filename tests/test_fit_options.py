@@ -1,0 +1,145 @@
+"""Fitting options: the Cash statistic, first-order optimisers, restarts and the bootstrap."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import galprof
+from galprof import Flag
+from galprof.fitting import poisson_deviance_residuals
+
+galsim = pytest.importorskip("galsim")
+scipy_special = pytest.importorskip("scipy.special")
+
+SIZE = 40
+GSP = galsim.GSParams(folding_threshold=1e-4, maxk_threshold=1e-5)
+MOFFAT = galsim.Moffat(beta=4.5, fwhm=3.0, gsparams=GSP)
+PSF = galsim.Convolve(MOFFAT, galsim.Pixel(1.0), gsparams=GSP).drawImage(nx=25, ny=25, scale=1.0,
+                                                                         method="no_pixel").array
+
+
+def galaxy(flux=800.0, re=3.0, n=1.5, q=0.6, pa=30.0, x0=20.4, y0=20.7):
+    g = galsim.Sersic(n, half_light_radius=re * math.sqrt(q), flux=flux, gsparams=GSP)
+    g = g.shear(q=q, beta=(pa + 90) * galsim.degrees)
+    im = galsim.ImageD(SIZE, SIZE, scale=1.0)
+    galsim.Convolve(g, MOFFAT, gsparams=GSP).drawImage(image=im, center=galsim.PositionD(x0, y0))
+    return im.array
+
+
+def model(**extra):
+    comp = {"profile": "sersic", "x0": 20.5, "y0": 20.5, "mag": -7.0, "re": 4.0, "n": 2.0, "q": 0.7, "pa": 20.0}
+    comps = {"g": comp}
+    comps.update(extra)
+    return galprof.load_model({"zeropoint": 0.0, "components": comps})
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    rng = np.random.default_rng(7)
+    truth = galaxy()
+    sigma = np.sqrt(1.0 + truth / 4.0)
+    images = [truth + rng.normal(size=truth.shape) * sigma for _ in range(2)]
+    return images, [sigma, sigma]
+
+
+def test_poisson_deviance_residuals_square_to_the_cash_terms():
+    rng = np.random.default_rng(1)
+    m = rng.uniform(0.05, 20, 4000)
+    d = rng.poisson(m).astype(float)
+    d[:10] = m[:10] * (1 + 1e-5)                       # near m = d: the series branch
+    r = poisson_deviance_residuals(torch.tensor(m), torch.tensor(d)).numpy()
+    expected = 2 * (m - d + scipy_special.xlogy(d, d / m))
+    np.testing.assert_allclose(r ** 2, expected, rtol=1e-9, atol=1e-14)
+    assert np.all(np.sign(r[np.abs(m - d) > 1e-3]) == np.sign((m - d)[np.abs(m - d) > 1e-3]))
+    # smooth at m = d: derivative 1/sqrt(d)
+    mt = torch.tensor([4.0, 9.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(poisson_deviance_residuals(mt, torch.tensor([4.0, 9.0])).sum(), mt)
+    np.testing.assert_allclose(g.numpy(), [0.5, 1 / 3], rtol=1e-12)
+
+
+def test_cash_fit_of_a_flat_sky_is_the_poisson_maximum_likelihood():
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(2.5, size=(32, 32)).astype(float)
+    sky = galprof.load_model({"components": {"s": {"profile": "sky", "sky": 1.0}}})
+    cash = galprof.fit(sky, [counts], statistic="cash")
+    assert cash.status[0] == 0
+    # the ML estimate of a constant Poisson mean is the sample mean (analytic)
+    np.testing.assert_allclose(cash.values["s.sky"][0], counts.mean(), rtol=1e-5)  # LM tolerance
+    # its error: sqrt(mean / N) from the Fisher information
+    np.testing.assert_allclose(cash.errors["s.sky"][0], math.sqrt(counts.mean() / counts.size), rtol=1e-4)
+    fd = galprof.fit(sky, [counts], statistic="cash", jacobian="finite-difference")
+    np.testing.assert_allclose(fd.errors["s.sky"][0], cash.errors["s.sky"][0], rtol=1e-5)
+    # chi2 with sigma^2 = max(data, 1) is biased low, as is well known
+    chi2 = galprof.fit(sky, [counts], [np.sqrt(np.maximum(counts, 1.0))])
+    assert chi2.values["s.sky"][0] < counts.mean() - 0.1
+
+
+def test_cash_fit_recovers_a_low_count_galaxy():
+    rng = np.random.default_rng(11)
+    truth = galaxy(flux=600.0) + 2.0
+    counts = rng.poisson(truth).astype(float)
+    m = model(s={"profile": "sky", "sky": 1.5})
+    res = galprof.fit(m, [counts], psf=PSF, statistic="cash")
+    assert res.status[0] == 0 and res.statistic == "cash"
+    for key, value in (("g.re", 3.0), ("g.n", 1.5), ("g.q", 0.6), ("s.sky", 2.0), ("g.mag", -2.5 * math.log10(600))):
+        assert abs(res.values[key][0] - value) < 3.5 * res.errors[key][0], key
+    # negative data cannot be Poisson counts: that galaxy is not fitted, the other is
+    both = galprof.fit(m, [counts, counts - 5.0], psf=PSF, statistic="cash")
+    assert both.status.tolist() == [0, 3] and both.flags[1] & Flag.NO_DATA
+    assert "Cash statistic needs counts" in both.messages[1]
+    np.testing.assert_allclose(both.values["g.re"][0], res.values["g.re"][0], rtol=1e-10)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", pytest.param("diffgrad", marks=pytest.mark.slow)])
+def test_first_order_optimisers_reach_the_levenberg_marquardt_optimum(noisy, optimizer):
+    images, sigmas = noisy[0][:1], noisy[1][:1]
+    lm = galprof.fit(model(), images, sigmas, psf=PSF)
+    first = galprof.fit(model(), images, sigmas, psf=PSF, optimizer=optimizer,
+                        options=galprof.AdamOptions(max_iter=1500))
+    assert (lm.status == 0).all()
+    np.testing.assert_allclose(first.chi2, lm.chi2, atol=0.05)
+    for key in lm.free:
+        assert np.all(np.abs(first.values[key] - lm.values[key]) < 0.2 * lm.errors[key]), key
+    assert (first.n_iter > 50).all() and (first.status == 0).all()
+
+
+def test_restarts_never_end_worse(noisy):
+    images, sigmas = noisy
+    bad = {"g.re": [15.0, 1.0], "g.n": [6.0, 0.6]}
+    one = galprof.fit(model(), images, sigmas, psf=PSF, initial=bad)
+    more = galprof.fit(model(), images, sigmas, psf=PSF, initial=bad, restarts=2, seed=4)
+    assert np.all(more.chi2 <= one.chi2 + 1e-9)
+    assert np.all(more.n_iter > one.n_iter)
+
+
+def test_bootstrap_errors_agree_with_the_covariance(noisy):
+    images, sigmas = noisy
+    nan = np.full_like(images[0], np.nan)
+    res = galprof.fit(model(), [images[0], nan], [sigmas[0], sigmas[0]], psf=PSF, uncertainty="bootstrap",
+                      n_bootstrap=40, seed=2)
+    assert res.uncertainty == "bootstrap" and res.status.tolist() == [0, 3]
+    for key in res.free:
+        ratio = res.errors[key][0] / res.errors_covariance[key][0]
+        assert 0.65 < ratio < 1.45, (key, ratio)
+        lo, hi = res.percentiles[key][0]
+        assert lo < res.values[key][0] < hi
+        assert np.isnan(res.errors[key][1])
+    assert res.bootstrap_samples["g.re"].shape == (2, 40)
+    t = res.to_table()
+    assert {"g_re_p16", "g_re_p84", "g_re_err"} <= set(t.colnames) and t.meta["uncertainty"] == "bootstrap"
+    # centres held at the best fit: their samples do not vary, the others do
+    fixed = galprof.fit(model(), images[:1], sigmas[:1], psf=PSF, uncertainty="bootstrap", n_bootstrap=16,
+                        seed=2, bootstrap_fixed=("g.x0", "g.y0"))
+    assert np.isnan(fixed.errors["g.x0"][0]) and np.isfinite(fixed.errors["g.re"][0])
+    np.testing.assert_allclose(fixed.bootstrap_samples["g.x0"][0], fixed.values["g.x0"][0], rtol=1e-12)
+
+
+def test_bad_options_are_errors():
+    with pytest.raises(ValueError, match="optimizer"):
+        galprof.fit(model(), [np.zeros((8, 8))], optimizer="bfgs")
+    with pytest.raises(ValueError, match="uncertainty"):
+        galprof.fit(model(), [np.zeros((8, 8))], uncertainty="jackknife")
+    with pytest.raises(ValueError, match="statistic"):
+        galprof.fit(model(), [np.zeros((8, 8))], statistic="poisson")
