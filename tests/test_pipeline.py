@@ -86,9 +86,9 @@ def write_survey(folder: Path, n: int, seed: int = 0) -> Table:
         fits.writeto(folder / f"g{i}_sigma.fits", sigma, overwrite=True)
         rows.append({"id": f"g{i:02d}", "image": f"g{i}.fits", "sigma": f"g{i}_sigma.fits",
                      "psf": "psf5.fits" if i % 3 else "psf6.fits",
-                     "g_x0": round(t["x0"] + rng.uniform(-0.7, 0.7), 2),
-                     "g_y0": round(t["y0"] + rng.uniform(-0.7, 0.7), 2),
-                     "g_mag": round(t["mag"] + 0.3, 2), "g_re": round(t["re"] * 1.3, 2),
+                     "g_x0": round(t["x0"] + rng.uniform(-0.4, 0.4), 2),
+                     "g_y0": round(t["y0"] + rng.uniform(-0.4, 0.4), 2),
+                     "g_mag": round(t["mag"] + 0.2, 2), "g_re": round(t["re"] * 1.2, 2),
                      "true_x0": t["x0"], "true_y0": t["y0"], "true_mag": t["mag"], "true_re": t["re"]})
     cat = Table(rows=rows)
     cat[[c for c in cat.colnames if not c.startswith("true_")]].write(folder / "cat.csv", overwrite=True)

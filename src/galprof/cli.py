@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
     h.add_argument("--batch-size", type=int, default=64)
     h.add_argument("--optimizer", choices=list(getattr(fitting, "OPTIMIZERS", ("lm", "adam"))), default="lm")
-    h.add_argument("--jacobian", choices=["autodiff", "finite-difference"], default="autodiff")
+    h.add_argument("--jacobian", choices=["autodiff", "finite-difference"], default="finite-difference")
     h.add_argument("--uncertainty", choices=list(getattr(fitting, "UNCERTAINTIES", ("covariance", "bootstrap",
                                                                                     "none"))),
                    default="covariance")
@@ -162,6 +162,8 @@ def _fit(args) -> int:
     from .catalog import Catalog, InputOptions
     from .pipeline import FitOptions, Interrupted, PipelineOptions, run_pipeline
 
+    if args.resume and args.overwrite:
+        raise GalprofError("--resume and --overwrite contradict each other; give one")
     model = load_model(args.model)
     formats = [f.strip() for item in (args.format or ["fits,csv"]) for f in item.split(",") if f.strip()]
     cutout = args.cutout if args.cutout is not None else ("auto" if args.image else None)

@@ -76,7 +76,7 @@ class FitOptions:
     device: str = "cpu"
     psf_kind: str = "star"
     psf_oversampling: int = 1
-    jacobian: str = "autodiff"
+    jacobian: str = "finite-difference"
     optimizer: str = "lm"
     max_iter: int | None = None
     uncertainty: str = "covariance"

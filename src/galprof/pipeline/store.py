@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table, vstack
 
 from ..errors import DataError
@@ -128,9 +129,15 @@ class ResultStore:
     def finished(self, *, retry_bad: bool = False) -> set:
         """Ids with a result (with ``retry_bad``, not counting those whose newest status is ``bad_input``)."""
         latest = {}
-        for t in self.read_parts():
-            for i, s in zip(t["id"].tolist(), t["status"].tolist()):
-                latest[i] = s
+        for p in self.parts():
+            try:
+                with fits.open(p, memmap=False) as hdul:  # two columns only: quick for thousands of parts
+                    ids, status = hdul[1].data["id"], hdul[1].data["status"]
+            except Exception:
+                self.read_parts()  # sets the unreadable part aside (with a warning)
+                continue
+            for i, st in zip(ids.tolist(), status.tolist()):
+                latest[i.decode() if isinstance(i, bytes) else i] = st.decode() if isinstance(st, bytes) else st
         return {i for i, s in latest.items() if not (retry_bad and s == "bad_input")}
 
     def write_part(self, table: Table) -> Path:
