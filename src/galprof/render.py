@@ -77,9 +77,9 @@ class RenderOptions:
         so that it is not aliased.
     core_sampling, core_order : int
         Quadrature panels per cell and Gauss–Legendre points per panel for the core transform.
-    core_dense : float
+    core_dense : float, core_coarse : int
         Distance (cells) from the centre within which those panels are used; beyond it, panels
-        are twice as wide.
+        are ``core_coarse`` times as wide.
     core_exact : int
         Panels on each side of the centre whose integrals and moments (to second order) come
         from the exact-geometry quadrature instead.
@@ -96,6 +96,7 @@ class RenderOptions:
     core_radius: float = 2.0
     core_sampling: int = 8
     core_dense: float = 3.0
+    core_coarse: int = 4
     core_order: int = 2
     core_exact: int = 2
     chunk: int = 128
@@ -466,12 +467,13 @@ class Renderer:
             return cache
         o = self.options
         dt, dev = self.dtype, self.device
-        # panels of 1/core_sampling cells within core_dense of the centre, twice that beyond
+        # panels of 1/core_sampling cells within core_dense of the centre, core_coarse times that beyond
         h = 1.0 / o.core_sampling
         n_fine = int(math.ceil(o.core_dense * o.core_sampling))
-        n_coarse = int(math.ceil((_CORE_TRUNCATION * o.core_radius - n_fine * h) / (2 * h)))
+        wide = o.core_coarse * h
+        n_coarse = int(math.ceil((_CORE_TRUNCATION * o.core_radius - n_fine * h) / wide))
         right = torch.cat([torch.arange(n_fine + 1, dtype=dt, device=dev) * h,
-                           n_fine * h + torch.arange(1, n_coarse + 1, dtype=dt, device=dev) * 2 * h])
+                           n_fine * h + torch.arange(1, n_coarse + 1, dtype=dt, device=dev) * wide])
         panel_edges = torch.cat([-right.flip(0)[:-1], right])
         lo, width = panel_edges[:-1], panel_edges[1:] - panel_edges[:-1]
         t, w = gauss_legendre(o.core_order, dtype=dt, device=dev)
