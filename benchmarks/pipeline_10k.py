@@ -126,10 +126,12 @@ def run(work: Path, args) -> dict:
         print(proc.stderr[-4000:])
         raise SystemExit(f"galprof fit failed (exit {proc.returncode})")
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    peak_kb = int(m.group(1)) if m else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kb = int(m.group(1)) if m else usage.ru_maxrss
+    cpu = usage.ru_utime + usage.ru_stime
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024.0, "summary": summary,
-            "log_tail": proc.stderr.splitlines()[-12:]}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_kb / 1024.0, "summary": summary,
+            "load_average": os.getloadavg(), "log_tail": proc.stderr.splitlines()[-40:]}
 
 
 def quality(work: Path) -> dict:
@@ -172,8 +174,10 @@ def main(argv=None) -> int:
     s = r["summary"]
     print(f"# galprof fit, {s['catalogue']} galaxies, {args.dtype}, {args.jacobian} Jacobian, batch {args.batch_size}, "
           f"{args.workers} reader threads, {os.cpu_count()} cores")
-    print(f"wall {r['wall_s']:.0f} s (start-up and merge included), {s['catalogue'] / r['wall_s']:.2f} galaxies/s; "
-          f"while fitting {s['this_run']['galaxies_per_s']:.2f} galaxies/s; peak RSS {r['peak_rss_mb']:.0f} MB")
+    n_run = s["this_run"]["galaxies"]
+    print(f"this invocation: {n_run} galaxies fitted, wall {r['wall_s']:.0f} s (start-up and merge included): "
+          f"{n_run / r['wall_s']:.2f} galaxies/s; CPU {r['cpu_s']:.0f} s: {n_run / r['cpu_s']:.2f} galaxies per CPU "
+          f"second; peak RSS {r['peak_rss_mb']:.0f} MB; load average at the end {r['load_average'][1]:.1f} (5 min)")
     print(f"fitted {s['fitted']}, status {s['status']}, flags {s['flags']}")
     print(f"converged {q['converged']:.1%}; median chi2_nu {q['chi2_nu_median']:.3f}")
     for k in ("x0", "y0", "mag", "re", "n", "q"):
