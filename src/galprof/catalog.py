@@ -527,7 +527,8 @@ class Catalog:
                 return x, y
         if self.has_radec:
             ra, dec = self._number("ra", i), self._number("dec", i)
-            if ra is not None and dec is not None:
+            # a stamp without WCS: ra, dec are the catalogue's information, not a starting centre
+            if ra is not None and dec is not None and (self.cutout is not None or _has_wcs(header)):
                 return _world_to_pixel(header, ra, dec)
         if self.cutout is not None:
             raise _Bad(Flag.BAD_VALUE, "no position (x, y or ra, dec) for the cutout")
@@ -608,10 +609,14 @@ def _cut(data: np.ndarray, window, fill) -> tuple[np.ndarray, np.ndarray]:
     return out, outside
 
 
+def _has_wcs(header) -> bool:
+    return header is not None and "CTYPE1" in header and "CTYPE2" in header
+
+
 def _world_to_pixel(header, ra: float, dec: float) -> tuple[float, float]:
     from astropy.wcs import WCS
 
-    if header is None or "CTYPE1" not in header:
+    if not _has_wcs(header):
         raise _Bad(Flag.BAD_VALUE, "ra/dec given, but the image header has no WCS")
     try:
         w = WCS(header).celestial
