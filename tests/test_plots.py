@@ -136,3 +136,25 @@ def test_plot_command(tmp_path):
     for name in ("parameters.png", "chi2nu.png", "compare.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG
     assert main(["plot", str(tmp_path / "missing.fits"), "--out", str(tmp_path)]) == 2
+
+
+def test_corner_plot_of_a_bootstrap_result():
+    from galprof.fitting import FitResult
+
+    rng = np.random.default_rng(4)
+    keys, free = ["g.re", "g.n", "g.c0"], ["g.re", "g.n"]
+    samples = {"g.re": rng.normal(5, 0.2, (2, 50)), "g.n": rng.normal(2, 0.1, (2, 50))}
+    one = np.ones(2)
+    res = FitResult(keys=keys, free=free, values={"g.re": np.array([5.0, 6.0]), "g.n": np.array([2.0, 3.0]),
+                                                  "g.c0": np.zeros(2)},
+                    errors={k: one * 0.1 for k in keys}, covariance=np.zeros((2, 3, 3)), chi2=one, dof=one,
+                    n_iter=one, status=np.zeros(2), flags=np.zeros(2), uncertainty="bootstrap",
+                    bootstrap_samples=samples)
+    fig = plots.bootstrap_corner(res, index=1)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible if ax.get_title()] == ["g.re", "g.n"]
+    # the best fit of galaxy 1 is marked on the diagonal histograms
+    assert visible[0].get_lines()[0].get_xdata()[0] == 6.0
+    res.bootstrap_samples = None
+    with pytest.raises(galprof.GalprofError, match="bootstrap"):
+        plots.bootstrap_corner(res)

@@ -24,7 +24,7 @@ import numpy as np
 from .errors import GalprofError
 
 __all__ = ["PlotsUnavailable", "galaxy_figure", "surface_brightness_profile", "parameter_distributions",
-           "chi2nu_histogram", "compare_runs", "corner_plot", "catalog_plots"]
+           "chi2nu_histogram", "compare_runs", "corner_plot", "bootstrap_corner", "catalog_plots"]
 
 
 class PlotsUnavailable(GalprofError, ImportError):
@@ -338,6 +338,18 @@ def corner_plot(samples: np.ndarray, names: Sequence[str], *, truths: Sequence[f
             if j == 0 and i > 0:
                 ax.set_ylabel(names[i], fontsize=8)
     return fig
+
+
+def bootstrap_corner(result, index: int = 0, keys: Sequence[str] | None = None, *, bins: int = 30):
+    """The corner plot of one galaxy's bootstrap fits (``galprof.fit(..., uncertainty="bootstrap")``):
+    its refitted values of the free parameters (or ``keys``), the best fit marked."""
+    samples = getattr(result, "bootstrap_samples", None)
+    if not samples:
+        raise GalprofError("bootstrap_corner: the result has no bootstrap samples (fit with uncertainty='bootstrap')")
+    keys = list(keys) if keys is not None else [k for k in result.free if k in samples]
+    data = np.stack([np.asarray(samples[k])[index] for k in keys], axis=1)
+    truths = [float(np.asarray(result.values[k])[index]) for k in keys]
+    return corner_plot(data, keys, truths=truths, bins=bins)
 
 
 def catalog_plots(table, out: str | os.PathLike, *, compare=None, labels=("this run", "other run"),
