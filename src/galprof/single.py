@@ -425,12 +425,12 @@ def write_imgblock_for(job: SingleImage, fitres: SingleFit, path: Path) -> None:
     bad = [k for k in res.free if not np.isfinite(res.errors[k][0])]
     if "at a bound" in (res.messages[0] or ""):
         bad += [m.split(" at a bound")[0].strip() for m in res.messages[0].split(";") if "at a bound" in m]
-    cards = [("INITFILE", str(job.meta.get("input", ""))[-48:], "Input file"),
-             ("DATAIN", str(setup.image or job.meta.get("image", ""))[-48:], "Input data image"),
-             ("SIGMA", str(setup.sigma or "none")[-48:], "Input sigma image"),
-             ("PSF", str(setup.psf or "none")[-48:], "Convolution PSF"),
-             ("CONSTRNT", str(setup.constraints or "none")[-48:], "Parameter constraint file"),
-             ("MASK", str(setup.mask or "none")[-48:], "Input mask image")]
+    cards = [("INITFILE", str(job.meta.get("input", ""))[-44:], "input file"),
+             ("DATAIN", str(setup.image or job.meta.get("image", ""))[-44:], "data image"),
+             ("SIGMA", str(setup.sigma or "none")[-44:], "sigma image"),
+             ("PSF", str(setup.psf or "none")[-44:], "PSF"),
+             ("CONSTRNT", str(setup.constraints or "none")[-44:], "constraints"),
+             ("MASK", str(setup.mask or "none")[-44:], "mask")]
     ny, nx = fitres.data.shape
     x1, y1 = job.offset[0] + 1, job.offset[1] + 1
     cards += [("FITSECT", f"[{x1}:{x1 + nx - 1},{y1}:{y1 + ny - 1}]", "Image section fitted"),
