@@ -122,8 +122,8 @@ class Model:
                         raise ModelError(f"{c.name}.{s.name}: a callable tie cannot be written to a file")
                     entry["tie"] = p.tie.expr
                 elif p.value is not None:
-                    entry["value"] = float(torch.as_tensor(p.value).reshape(-1)[0]) if torch.as_tensor(
-                        p.value).numel() == 1 else torch.as_tensor(p.value).tolist()
+                    v = torch.as_tensor(p.value, dtype=torch.float64)   # no float32 round trip
+                    entry["value"] = float(v.reshape(-1)[0]) if v.numel() == 1 else v.tolist()
                 if p.fixed is not None:
                     entry["fixed"] = bool(p.fixed)
                 if p.bounds is not None:
