@@ -267,6 +267,17 @@ def test_bad_input_is_flagged_and_the_rest_unchanged(survey, tmp_path):
     assert summary["not_fitted"] == 8 and summary["fitted"] == len(truth) + 2
     assert summary["flags"]["BAD_FILE"] == 3 and summary["flags"]["BAD_PSF"] == 2 and summary["flags"]["NO_DATA"] == 2
     assert "BAD_FILE 3" in (out_bad / "galprof.log").read_text()
+    # the missing file appears: --retry-bad fits it (the newest row wins), the rest stays as it was
+    fits.writeto(tmp_path / "nope.fits", img)
+    assert main(["fit", str(folder / "model.yaml"), "--catalog", str(tmp_path / "bad.csv"), "--out", str(out_bad),
+                 *FAST, "--batch-size", "32", "--retry-bad"]) == 0
+    again = read_table(out_bad / "results.fits")
+    assert list(again["id"]) == list(res["id"])
+    assert again["status"][list(again["id"]).index("missing")] == "converged"
+    for name in again.colnames:
+        keep = np.array([i != "missing" for i in again["id"]])
+        if again[name].dtype.kind == "f":
+            np.testing.assert_array_equal(again[name][keep], res[name][keep])
 
 
 def _parts(out: Path) -> int:
@@ -418,3 +429,28 @@ def test_bad_model_or_catalogue_exit_2(survey, tmp_path, capsys):
     # the survey's folder holds another run's results: refused, not mixed
     assert main(fit_args(folder, out, "--max-iter", "7")) == 2
     assert "different run" in capsys.readouterr().err
+
+
+def test_column_hooks(survey, tmp_path):
+    """Extra per-galaxy columns (e.g. morphology) plug into the pipeline, for fitted and unreadable
+    galaxies alike."""
+    from galprof.catalog import Catalog
+    from galprof.pipeline import FitOptions, PipelineOptions, run_pipeline
+
+    folder, truth, _ = survey
+    rows = Table.read(folder / "cat.csv", format="ascii.csv")[:2]
+    rows.add_row({**{c: rows[0][c] for c in rows.colnames}, "id": "gone", "image": "gone.fits"})
+    rows.write(folder / "hooks.csv", format="ascii.csv", overwrite=True)
+
+    def total_light(stamps, table, result):
+        assert [s.id for s in stamps] == list(table["id"])
+        return {"light": [np.nan if s.image is None else float(np.sum(s.image)) for s in stamps]}
+
+    model = galprof.load_model(folder / "model.yaml")
+    run_pipeline(model, Catalog(folder / "hooks.csv", model),
+                 PipelineOptions(out=tmp_path / "o", fit=FitOptions(max_iter=2), progress=False),
+                 hooks=[total_light])
+    res = read_table(tmp_path / "o" / "results.fits")
+    np.testing.assert_allclose(res["light"][:2], [np.sum(fits.getdata(folder / f"g{i}.fits")) for i in (0, 1)])
+    assert np.isnan(res["light"][2]) and res["status"][2] == "bad_input"
+    assert res.colnames[-7:] == ["chi2", "dof", "chi2_nu", "n_iter", "status", "flags", "message"]
