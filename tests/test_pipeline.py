@@ -454,3 +454,39 @@ def test_column_hooks(survey, tmp_path):
     np.testing.assert_allclose(res["light"][:2], [np.sum(fits.getdata(folder / f"g{i}.fits")) for i in (0, 1)])
     assert np.isnan(res["light"][2]) and res["status"][2] == "bad_input"
     assert res.colnames[-7:] == ["chi2", "dof", "chi2_nu", "n_iter", "status", "flags", "message"]
+
+
+def test_an_error_inside_the_fit_costs_one_galaxy(survey, tmp_path, monkeypatch):
+    """A fit that raises for one galaxy: that galaxy is flagged FIT_ERROR, the others are fitted;
+    a fit that raises for every galaxy stops the run (a problem of the run, not of the data)."""
+    import functools
+
+    from galprof.catalog import Catalog
+    from galprof.pipeline import FitOptions, PipelineOptions, run_pipeline
+
+    folder, _, _ = survey
+    real_fit = galprof.fitting.fit
+
+    @functools.wraps(real_fit)
+    def fragile_fit(model, images, *args, ids=None, **kwargs):
+        if "g01" in ids:
+            raise RuntimeError("simulated failure")
+        return real_fit(model, images, *args, ids=ids, **kwargs)
+
+    monkeypatch.setattr(galprof.fitting, "fit", fragile_fit)
+    model = galprof.load_model(folder / "model.yaml")
+    Table.read(folder / "cat.csv", format="ascii.csv")[:3].write(folder / "three.csv", format="ascii.csv",
+                                                                 overwrite=True)
+    options = PipelineOptions(out=tmp_path / "o", fit=FitOptions(max_iter=2), progress=False)
+    run_pipeline(model, Catalog(folder / "three.csv", model), options)
+    res = read_table(tmp_path / "o" / "results.fits")
+    assert list(res["status"]) == ["max_iter", "bad_input", "max_iter"]
+    assert res["flags"][1] == galprof.Flag.FIT_ERROR and "RuntimeError: simulated failure" in res["message"][1]
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(galprof.fitting, "fit", functools.wraps(real_fit)(broken_fit))
+    options = PipelineOptions(out=tmp_path / "o2", fit=FitOptions(max_iter=2), progress=False)
+    with pytest.raises(RuntimeError, match="every galaxy of batch 0"):
+        run_pipeline(model, Catalog(folder / "three.csv", model), options)

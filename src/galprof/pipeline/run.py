@@ -181,6 +181,10 @@ class _Run:
     def fit_batch(self, number: int, stamps: list[Stamp]) -> Table:
         good = [s for s in stamps if not s.fatal]
         fitted = self._fit_isolating(number, good) if good else []
+        if len(good) > 1 and not fitted:
+            # every galaxy failed on its own: a problem of the run (a bug, the device), not of the data
+            raise RuntimeError(f"the fit raised for every galaxy of batch {number} ({good[0].message}); stopping "
+                               "(the batches done so far are kept: fix the cause and run again to resume)")
         rows = {}
         for group, result in fitted:
             t = result.to_table()
