@@ -293,14 +293,19 @@ def test_sigkill_at_random_moments_then_resume(survey, tmp_path):
     argv = [sys.executable, "-m", "galprof.cli", *fit_args(folder, run_out, "--pixel-scale", "0.25")]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     rng = np.random.default_rng(2024)
+    # how long one batch takes on this machine: the spacing of the reference run's parts (kills
+    # later than that could let the run finish on a fast machine)
+    stamps = sorted(p.stat().st_mtime for p in (out / "parts").glob("part-*.fits"))
+    batch_s = float(np.median(np.diff(stamps))) if len(stamps) > 2 else 0.3
     parts_seen = []
     for target in (0, 1, 1):  # kill once `target` more parts have appeared, after a random delay
         before = _parts(run_out)
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while _parts(run_out) < before + target and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(0.01)
+        # start-up (importing torch) takes longer than 0.5 s; after a part, less than a batch
+        time.sleep(rng.uniform(0.0, 0.5) if target == 0 else rng.uniform(0.0, 0.8) * batch_s)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         parts_seen.append(_parts(run_out))
