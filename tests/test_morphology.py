@@ -26,6 +26,7 @@ from galprof.morphology.kernels import (
     nelder_mead,
     uniform_filter,
 )
+from galprof.morphology.measure import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "statmorph_golden"
@@ -121,6 +122,41 @@ def test_cli_sdss_examples(golden, tmp_path):
     _compare({k: t[k] for k in t.colnames}, refs, "sdss")
     assert np.allclose(t["concentration"], t_csv["concentration"])
 
+
+
+def test_fit_cli_morphology_columns(golden, tmp_path):
+    """``galprof fit --morphology``: the fit table of the bundled SDSS catalogue gets statmorph's
+    columns, which agree with statmorph on the same inputs (the catalogue's segmentation maps);
+    a galaxy whose image cannot be read keeps its row, with NaN statistics and the no-data flag."""
+    from astropy.table import Table
+
+    from galprof.cli import main
+
+    sdss = ROOT / "examples" / "sdss"
+    cat = Table.read(sdss / "catalog.csv", format="ascii.csv")
+    for col in ("image", "sigma", "psf", "mask"):
+        cat[col] = [str(sdss / v) for v in cat[col]]
+    cat.add_row(cat[0])
+    cat["id"][-1] = "MISSING"
+    cat["image"] = cat["image"].astype(object)
+    cat["image"][-1] = str(tmp_path / "no_such_file.fits")
+    cat.write(tmp_path / "cat.csv", format="ascii.csv")
+    out = tmp_path / "out"
+    argv = ["fit", str(ROOT / "examples" / "sersic.yaml"), "--catalog", str(tmp_path / "cat.csv"), "--out", str(out),
+            "--morphology", "--max-iter", "5"]
+    assert main(argv) == 0
+    t = Table.read(out / "results.fits")
+    assert list(t["id"]) == ["J162123", "J100247", "J092800", "MISSING"]
+    assert {"galaxy_re", "chi2", "morph_flag", "morph_message"} <= set(t.colnames)
+    assert set(COLUMNS) <= set(t.colnames)
+    refs = [golden["sdss"][i] for i in t["id"][:3]]
+    _compare({k: np.asarray(t[k])[:3] for k in t.colnames}, refs, "fit --morphology")
+    # positions in the image frame, galprof's convention (statmorph's first pixel is centred at 0)
+    for key in ("xc_asymmetry", "yc_centroid"):
+        assert np.allclose(np.asarray(t[key])[:3], [r[key] + 1.0 for r in refs], atol=0.01)
+    assert np.all(np.isnan([t[k][3] for k in COLUMNS])) and t["morph_flag"][3] & int(MorphFlag.NO_DATA)
+    csv = Table.read(out / "results.csv", format="ascii.csv")
+    assert np.allclose(csv["concentration"][:3], t["concentration"][:3])
 
 def test_batch_equals_single_stamps():
     """Stamps measured together (padded to a common canvas) equal stamps measured alone."""

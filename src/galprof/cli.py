@@ -111,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=2, help="threads reading files ahead of the fit (default 2)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when it is a terminal)")
+    m = f.add_argument_group("morphology")
+    m.add_argument("--morphology", action="store_true",
+                   help="add statmorph's non-parametric statistics (concentration, asymmetry, smoothness, Gini, "
+                        "M20, radii; docs/morphology.md) to the fit table, measured in float64 on --device")
     from .morphology.cli import add_parser as add_morph_parser
 
     add_morph_parser(sub)
@@ -181,9 +185,14 @@ def _fit(args) -> int:
     options = PipelineOptions(out=args.out, formats=formats, save_images=args.save_images,
                               batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
                               retry_bad=args.retry_bad, progress=args.progress, fit=fit_options)
-    # extra per-galaxy columns plug in here (e.g. a future --morphology): run_pipeline(..., hooks=[...])
+    # extra per-galaxy columns plug in here: run_pipeline(..., hooks=[...])
+    hooks = []
+    if args.morphology:
+        from .morphology.hook import catalog_segmaps, morphology_hook
+
+        hooks.append(morphology_hook(gain=args.gain, device=args.device, segmaps=catalog_segmaps(catalog)))
     try:
-        run_pipeline(model, catalog, options, model_source=str(args.model))
+        run_pipeline(model, catalog, options, model_source=str(args.model), hooks=hooks)
     except Interrupted as exc:
         print(f"galprof: {exc}", file=sys.stderr)
         return 130
