@@ -113,7 +113,7 @@ def run(work: Path, args) -> dict:
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "galprof.cli", "fit", str(work / "model.yaml"), "--catalog",
            str(work / "catalog.csv"), "--out", str(out), "--psf", str(work / "psf.fits"), "--dtype", args.dtype,
-           "--jacobian", args.jacobian, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+           "--jacobian", args.jacobian, "--batch-size", str(args.batch_size), "--read-threads", str(args.workers),
            "--no-progress"]
     timer = Path("/usr/bin/time")
     if timer.exists():

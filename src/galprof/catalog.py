@@ -328,6 +328,9 @@ class Catalog:
                 self.ignored.append(f"{name} ({key} is tied in the model)")
             else:
                 self.start_columns[key] = name
+        self._caches()
+
+    def _caches(self) -> None:
         self._psfs = _LRU(64)
         self._big = _LRU(8)
         self._wcs_lock = threading.Lock()
@@ -335,6 +338,24 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __getstate__(self) -> dict:  # picklable: the caches (open files, locks) stay behind
+        return {k: v for k, v in self.__dict__.items() if k not in ("_psfs", "_big", "_wcs_lock", "_wcs")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._caches()
+
+    def subset(self, rows) -> Catalog:
+        """Catalogue rows ``rows`` as a catalogue of their own: the same model, options and folder,
+        row ``k`` being row ``rows[k]`` of this one (small and picklable: what a cluster worker
+        gets to fit a batch)."""
+        idx = np.asarray(rows, dtype=np.intp)
+        new = Catalog.__new__(Catalog)
+        new.__setstate__(self.__getstate__())
+        new._cols = {name: (data[idx], missing[idx]) for name, (data, missing) in self._cols.items()}
+        new.ids = [self.ids[i] for i in idx]
+        return new
 
     # -- cell access ------------------------------------------------------------------------
     def _text(self, name: str, i: int) -> str | None:

@@ -108,7 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and restarts (default 0)")
     h.add_argument("--max-iter", type=int, help="iteration cap (default: the optimiser's)")
     r = f.add_argument_group("running")
-    r.add_argument("--workers", type=int, default=2, help="threads reading files ahead of the fit (default 2)")
+    r.add_argument("--read-threads", type=int, default=2, help="threads reading files ahead of the fit (default 2)")
+    r.add_argument("--cluster", metavar="ADDRESS",
+                   help="fit the batches on the workers of a running Dask scheduler (tcp://host:8786); "
+                        "see docs/pipeline.md (needs galprof[dask])")
+    r.add_argument("--workers", type=int, metavar="N",
+                   help="fit the batches on a local Dask cluster of N worker processes (one thread each)")
+    r.add_argument("--retries", type=int, default=2,
+                   help="with --cluster/--workers: times a failed batch is tried again (default 2)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when it is a terminal)")
     m = f.add_argument_group("morphology")
@@ -183,7 +190,7 @@ def _fit(args) -> int:
                              n_bootstrap=args.bootstrap_samples, seed=args.seed, statistic=args.statistic,
                              restarts=args.restarts)
     options = PipelineOptions(out=args.out, formats=formats, save_images=args.save_images,
-                              batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
+                              batch_size=args.batch_size, read_threads=args.read_threads, overwrite=args.overwrite,
                               retry_bad=args.retry_bad, progress=args.progress, fit=fit_options)
     # extra per-galaxy columns plug in here: run_pipeline(..., hooks=[...])
     hooks = []
@@ -191,8 +198,14 @@ def _fit(args) -> int:
         from .morphology.hook import catalog_segmaps, morphology_hook
 
         hooks.append(morphology_hook(gain=args.gain, device=args.device, segmaps=catalog_segmaps(catalog)))
+    cluster = None
+    if args.cluster is not None or args.workers is not None:
+        from .pipeline.distributed import ClusterOptions
+
+        cluster = ClusterOptions(address=args.cluster, n_workers=args.workers, retries=args.retries)
+        cluster.validate()
     try:
-        run_pipeline(model, catalog, options, model_source=str(args.model), hooks=hooks)
+        run_pipeline(model, catalog, options, model_source=str(args.model), hooks=hooks, cluster=cluster)
     except Interrupted as exc:
         print(f"galprof: {exc}", file=sys.stderr)
         return 130

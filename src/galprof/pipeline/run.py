@@ -95,7 +95,7 @@ class PipelineOptions:
     formats: Sequence[str] = ("fits", "csv")
     save_images: bool = False
     batch_size: int = 64
-    workers: int = 2
+    read_threads: int = 2
     overwrite: bool = False
     retry_bad: bool = False
     progress: bool | None = None
@@ -176,6 +176,7 @@ class _Run:
         self.model_values = catalog.model_values
         self.store = ResultStore(options.out)
         self._template: Table | None = None
+        self.device_text = describe_device(self.fo.device)  # the table's DEVICE (a cluster run sets its own)
 
     # -- fitting one batch ----------------------------------------------------------------------
     def fit_batch(self, number: int, stamps: list[Stamp]) -> Table:
@@ -422,7 +423,9 @@ class _Run:
     def load(self, rows: list[int]) -> list[Stamp]:
         return [self.catalog.load(i) for i in rows]
 
-    def execute(self) -> dict:
+    def execute(self, cluster=None) -> dict:
+        """Fit what is left to fit, here or (``cluster``: a
+        :class:`~galprof.pipeline.distributed.ClusterOptions`) on a Dask cluster; merge; summarise."""
         opts = self.opts
         t_start = time.perf_counter()
         resumed = self.store.start(self.fingerprint(), overwrite=opts.overwrite)
@@ -430,13 +433,28 @@ class _Run:
         todo = self.batches(finished)
         n_todo = sum(len(r) for _, r in todo)
         n_done = len([i for i in self.catalog.ids if i in finished])
+        where = "a Dask cluster" if cluster is not None else describe_device(self.fo.device)
         log.info("galprof fit: %d galaxies in %s; %s%d to fit in %d batches of up to %d, on %s",
                  len(self.catalog), self.catalog.path, f"{n_done} already done (resuming); " if resumed else "",
-                 n_todo, len(todo), opts.batch_size, describe_device(self.fo.device))
+                 n_todo, len(todo), opts.batch_size, where)
         if self.catalog.ignored:
             log.warning("catalogue columns not used: %s", ", ".join(self.catalog.ignored))
         progress = Progress(n_todo, n_done, bar=opts.progress)
-        workers = max(1, int(opts.workers))
+        extra = {}
+        if cluster is not None:
+            from .distributed import fit_on_cluster
+
+            fitted_now, extra = fit_on_cluster(self, todo, progress, cluster)
+        else:
+            fitted_now = self._fit_here(todo, progress)
+        progress.close()
+        elapsed = time.perf_counter() - t_start
+        return self.finish(fitted_now, elapsed, progress.rate, extra)
+
+    def _fit_here(self, todo: list[tuple[int, list[int]]], progress: Progress) -> int:
+        """Fit the batches ``todo`` in this process (files read ahead in threads); returns the
+        number of galaxies processed."""
+        workers = max(1, int(self.opts.read_threads))
         pending: deque = deque()
         fitted_now = 0
         try:
@@ -468,11 +486,9 @@ class _Run:
             progress.close()
             raise Interrupted(f"interrupted after {fitted_now} galaxies; their results are in "
                               f"{self.store.parts_dir}: run the same command again to resume") from None
-        progress.close()
-        elapsed = time.perf_counter() - t_start
-        return self.finish(fitted_now, elapsed, progress.rate)
+        return fitted_now
 
-    def finish(self, fitted_now: int, elapsed: float, rate: float) -> dict:
+    def finish(self, fitted_now: int, elapsed: float, rate: float, extra: dict | None = None) -> dict:
         from .. import __version__
 
         table, dropped = self.store.merge(self.catalog.ids)
@@ -486,14 +502,14 @@ class _Run:
             "CATALOG": str(self.catalog.path), "NGAL": len(table),
             "OPTIONS": json.dumps({**asdict(self.fo), "batch_size": self.opts.batch_size,
                                    "inputs": asdict(self.catalog.options)}, default=str),
-            "DEVICE": describe_device(self.fo.device), "DATE": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "DEVICE": self.device_text, "DATE": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "FLAGBITS": ",".join(f"{int(f)}={f.name}" for f in Flag),
         })
         for fmt in self.opts.formats:
             write_table(table, self.store.out / f"results{TABLE_FORMATS[fmt]}", fmt)
         summary = _summary(table, len(self.catalog))
         summary["this_run"] = {"galaxies": fitted_now, "seconds": round(elapsed, 3),
-                               "galaxies_per_s": round(rate, 4) if fitted_now else None}
+                               "galaxies_per_s": round(rate, 4) if fitted_now else None, **(extra or {})}
         summary["missing"] = missing
         with atomic_path(self.store.out / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
@@ -546,11 +562,14 @@ def _fill_masked(t: Table) -> Table:
 
 
 def run_pipeline(model: Model, catalog: Catalog, options: PipelineOptions, *, model_source: str = "",
-                 hooks: Sequence[Callable] = ()) -> dict:
+                 hooks: Sequence[Callable] = (), cluster=None) -> dict:
     """Fit every galaxy of ``catalog`` with ``model``; write tables (and image blocks) to
     ``options.out``; return the summary (also written to ``summary.json``).
 
     Re-running with the same model and options resumes: galaxies with results are skipped.
+    With ``cluster`` (a :class:`~galprof.pipeline.distributed.ClusterOptions`), the batches are
+    fitted on a Dask cluster's workers and written here, with the same guarantees (a run may be
+    resumed in-process or on a cluster, whichever ran before).
 
     Raises
     ------
@@ -559,8 +578,8 @@ def run_pipeline(model: Model, catalog: Catalog, options: PipelineOptions, *, mo
     """
     if options.batch_size < 1:
         raise DataError(f"batch size must be >= 1, got {options.batch_size}")
-    if options.workers < 1:
-        raise DataError(f"workers must be >= 1, got {options.workers}")
+    if options.read_threads < 1:
+        raise DataError(f"read threads must be >= 1, got {options.read_threads}")
     formats = list(dict.fromkeys(options.formats))
     if not formats:
         raise DataError("no output format given")
@@ -577,7 +596,7 @@ def run_pipeline(model: Model, catalog: Catalog, options: PipelineOptions, *, mo
         log.setLevel(logging.INFO)
     log.addHandler(handler)
     try:
-        return run.execute()
+        return run.execute(cluster)
     finally:
         log.removeHandler(handler)
         handler.close()
