@@ -162,12 +162,16 @@ def test_batch_failing_for_good_stops_the_run_and_it_resumes_in_process(survey, 
             raise OSError("disk on fire")
         return {}
 
+    from distributed import Client
+
+    with Client(cluster.scheduler_address, set_as_default=False) as client:  # a scheduler file, as on HPC
+        client.write_scheduler_file(str(tmp_path / "scheduler.json"))
     model = galprof.load_model(folder / "model.yaml")
     options = PipelineOptions(out=tmp_path / "out", batch_size=3, progress=False,
                               fit=FitOptions(jacobian="finite-difference"))
     with pytest.raises(ClusterError, match=r"batch 2 \(catalogue rows 6-8, ids g06..g08\).*OSError: disk on fire"):
         run_pipeline(model, Catalog(folder / "cat.csv", model), options, hooks=[broken],
-                     cluster=ClusterOptions(address=cluster.scheduler_address, retries=1, in_flight=1))
+                     cluster=ClusterOptions(address=str(tmp_path / "scheduler.json"), retries=1, in_flight=1))
     done = set(part_ids(tmp_path / "out"))
     assert not done & {"g06", "g07", "g08"} and not (tmp_path / "out" / "results.fits").exists()
     # the same run in-process resumes: fits what is missing only

@@ -345,6 +345,7 @@ class Catalog:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._caches()
+        self.__dict__.update(state)  # what the pickling process had resolved wins over fresh defaults
 
     def subset(self, rows) -> Catalog:
         """Catalogue rows ``rows`` as a catalogue of their own: the same model, options and folder,

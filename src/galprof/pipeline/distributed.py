@@ -52,8 +52,8 @@ class ClusterOptions:
     Parameters
     ----------
     address : str or None
-        Scheduler address of a running cluster (``tcp://host:8786``; anything
-        :class:`distributed.Client` accepts, e.g. a scheduler file's address). None: start a local
+        A running cluster: its scheduler's address (``tcp://host:8786``), or the path of the JSON
+        scheduler file that ``dask scheduler --scheduler-file`` writes. None: start a local
         cluster of ``n_workers`` worker processes on the loopback interface.
     n_workers : int or None
         Worker processes of the local cluster (``--workers N``).
@@ -103,7 +103,10 @@ def _import_distributed():
 # The worker's side
 @dataclass
 class _Recipe:
-    """What every partition's task needs besides its catalogue rows (pickled once by the client)."""
+    """What every partition's task needs besides its catalogue rows: pickled once by the client,
+    unpickled by one task (:func:`_load_recipe`) whose result the partitions' tasks depend on, so
+    that it crosses the network once per worker (and is recomputed, from the scheduler's copy of
+    the pickle, if every worker holding it is lost)."""
 
     token: str
     model: object
@@ -113,8 +116,7 @@ class _Recipe:
     assign_gpus: bool  # a local cluster started by galprof: worker i takes GPU i mod (GPUs) if it sees several
 
 
-_RECIPES: dict = {}  # token -> (recipe, device) on a worker (a few runs at most)
-_TEMPLATES: dict = {}  # token -> empty result table (for rows that cannot be fitted)
+_TEMPLATES: dict = {}  # on a worker: run token -> empty result table (for rows that cannot be fitted)
 _CACHE_LOCK = threading.Lock()
 
 
@@ -137,27 +139,18 @@ def worker_device(device: str, *, assign_gpus: bool = False, worker_name=None) -
     return device
 
 
-def _recipe(token: str, blob: bytes):
-    with _CACHE_LOCK:
-        found = _RECIPES.get(token)
-    if found is not None:
-        return found
+def _load_recipe(blob: bytes) -> _Recipe:
     import pickle
 
-    recipe = pickle.loads(blob)
-    name = None
+    return pickle.loads(blob)
+
+
+def _worker_name():
     with contextlib.suppress(Exception):
         from distributed import get_worker
 
-        name = get_worker().name
-    device = worker_device(recipe.options.fit.device, assign_gpus=recipe.assign_gpus, worker_name=name)
-    found = (recipe, device)
-    with _CACHE_LOCK:
-        while len(_RECIPES) >= 4:
-            _RECIPES.pop(next(iter(_RECIPES)))
-            _TEMPLATES.clear()
-        _RECIPES[token] = found
-    return found
+        return get_worker().name
+    return None
 
 
 class _Collect(logging.Handler):
@@ -173,13 +166,14 @@ class _Collect(logging.Handler):
             self.records.append((record.levelno, record.getMessage()))
 
 
-def fit_partition(token: str, blob: bytes, number: int, rows: list[int], part) -> tuple:
+def fit_partition(recipe: _Recipe, number: int, rows: list[int], part) -> tuple:
     """A worker's task: load and fit one batch (``part``, the catalogue's rows ``rows``, batch
     ``number``) exactly as a run on one machine does; returns ``(table, log records, info)``."""
     from .run import _Run, describe_device
 
     t0 = time.perf_counter()
-    recipe, device = _recipe(token, blob)
+    token = recipe.token
+    device = worker_device(recipe.options.fit.device, assign_gpus=recipe.assign_gpus, worker_name=_worker_name())
     opts = recipe.options
     if device != opts.fit.device:
         opts = replace(opts, fit=replace(opts.fit, device=device))
@@ -197,6 +191,8 @@ def fit_partition(token: str, blob: bytes, number: int, rows: list[int], part) -
         table = run.fit_batch(number, stamps)
         if run._template is not None:
             with _CACHE_LOCK:
+                if len(_TEMPLATES) > 8:
+                    _TEMPLATES.clear()
                 _TEMPLATES.setdefault(token, run._template)
     finally:
         logger.removeHandler(collect)
@@ -219,8 +215,9 @@ def _client(copts: ClusterOptions):
     ``n_workers`` processes (closed at the end)."""
     distributed = _import_distributed()
     if copts.address is not None:
+        where = {"scheduler_file": copts.address} if os.path.isfile(copts.address) else {"address": copts.address}
         try:
-            client = distributed.Client(copts.address, timeout=copts.connect_timeout, set_as_default=False)
+            client = distributed.Client(**where, timeout=copts.connect_timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
             raise ClusterError(f"cannot connect to the Dask scheduler at {copts.address!r}: {exc}") from None
         with client:
@@ -266,11 +263,12 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
     fitted_now = 0
     per_worker: Counter = Counter()
     devices: set = set()
-    task_s = read_s = 0.0
+    task_s = read_s = write_s = 0.0
     with _client(copts) as (client, local):
         recipe = _Recipe(token=token, model=run.model, options=run.opts, model_source=run.model_source,
                          hooks=run.hooks, assign_gpus=local)
-        blob = cloudpickle.dumps(recipe)
+        recipe_future = client.submit(_load_recipe, cloudpickle.dumps(recipe), key=f"galprof-recipe-{token}",
+                                      pure=False, retries=copts.retries)
         started = time.perf_counter() - t_start
         if not local:
             n_threads = sum(client.nthreads().values())
@@ -286,16 +284,20 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
             if nxt is None:
                 return False
             number, rows = nxt
-            future = client.submit(fit_partition, token, blob, number, rows, run.catalog.subset(rows),
+            future = client.submit(fit_partition, recipe_future, number, rows, run.catalog.subset(rows),
                                    key=f"galprof-fit-{token}-{number}", retries=copts.retries, pure=False)
             rows_of[future.key] = (number, rows)
             pending.add(future)
             in_flight += 1
             return True
 
+        window = [0, -1e9]  # partitions to keep in flight, when it was last asked (workers come and go)
+
         def fill() -> None:
-            window = copts.in_flight * max(1, sum(client.nthreads().values()))
-            while in_flight < window and submit():
+            now = time.perf_counter()
+            if now - window[1] > 2.0:
+                window[:] = [copts.in_flight * max(1, sum(client.nthreads().values())), now]
+            while in_flight < window[0] and submit():
                 pass
 
         written: set = set()
@@ -313,7 +315,9 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
                 if number in written:  # cannot happen (one result per task), but never a second part
                     log.warning("batch %d came back twice: the second result is ignored", number)
                 else:
+                    t_write = time.perf_counter()
                     run.store.write_part(table)
+                    write_s += time.perf_counter() - t_write
                     written.add(number)
                     fitted_now += len(rows)
                     progress.update(len(rows), int(np.sum(np.asarray(table["status"]) == "bad_input")))
@@ -339,7 +343,8 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
     summary = {"address": copts.address or "local", "workers_at_end": n_workers, "startup_s": round(started, 3),
                "partitions": n_parts, "partitions_per_worker": dict(per_worker),
                "task_s_mean": round(task_s / n_parts, 4) if n_parts else None,
-               "read_s_mean": round(read_s / n_parts, 4) if n_parts else None}
+               "read_s_mean": round(read_s / n_parts, 4) if n_parts else None,
+               "write_s_mean": round(write_s / n_parts, 4) if n_parts else None}
     log.info("cluster: %d partitions on %d workers (%s)", n_parts, len(per_worker),
              ", ".join(f"{w}: {n}" for w, n in sorted(per_worker.items(), key=lambda kv: str(kv[0]))))
     return fitted_now, {"cluster": summary}
