@@ -5,11 +5,24 @@ zeros outside the stamp, and the mask by nearest-neighbour sampling (``floor(x +
 statmorph obtains them from ``skimage.transform.rotate``. Pixels masked in either orientation
 are set to zero in both images. Sums run over an exact circular (or elliptical) aperture.
 
-Only a window around the centre is touched: ``2 h + 2`` pixels on a side, ``h = ceil(R) + 1``.
+Only a window around the centre is touched: ``2 h + 2`` pixels on a side, ``h = ceil(R) + 1``
+(at most the stamp's size: farther pixels are off the stamp).
+
+With ``n = floor(2 c)`` and ``g = 2 c - n`` (per axis), the rotated image is
+``s11 + g_x (s10 - s11) + g_y (s01 - s11) + g_x g_y (s00 - s01 - s10 + s11)`` with the four
+neighbours ``s`` of the mirrored pixel fixed by ``n``; the window (``floor(c) = floor(n / 2)``)
+and the mirrored mask pixel (``floor(2 c + 1/2)``) are fixed by ``floor(4 c)`` too. So for each
+quarter-pixel cell of the centre the difference "rotated minus original" is a fixed combination
+of four planes, which are kept per stamp (one cell each): a simplex converging on the asymmetry
+centre evaluates most of its points in the cell of the previous one, at the cost of one
+four-term combination, an absolute value and a weighted sum per pixel.
+
 For the search of the asymmetry centre the aperture radius is fixed per stamp, so the pixels
 that lie wholly inside the circle for every sub-pixel position of the centre are known in
-advance (their weight is 1) and the exact overlap is computed only on the thin ring of the
-others.
+advance (weight 1), and so are those wholly outside (weight 0); the exact overlap of the others
+(a thin ring) is the mixed difference, over the pixel's corners, of the signed area ``F(x, y)``
+of the disc within ``[0, x] x [0, y]``: ``F = x y`` inside the disc, else a term in ``x`` plus a
+term in ``y``, so ``F`` on the whole grid of corners costs a few outer products.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .geometry import aperture_weights, circle_pixel_overlap
+from .geometry import aperture_weights
 
 __all__ = ["AsymmetryFunction"]
 
@@ -49,23 +62,25 @@ class AsymmetryFunction:
         elliptical annulus ``[inner, radius]`` (outer asymmetry).
     inner, elongation, theta : (B,) tensors
         Only for ``kind="outer"``.
+    cache : bool
+        Keep per stamp the planes of the last cell evaluated (for repeated evaluations, e.g. by a
+        simplex; circular kinds only).
     """
 
     def __init__(self, image: torch.Tensor, mask: torch.Tensor, ny: torch.Tensor, nx: torch.Tensor,
                  radius: torch.Tensor, sky: torch.Tensor | None = None, kind: str = "cas",
                  inner: torch.Tensor | None = None, elongation: torch.Tensor | None = None,
-                 theta: torch.Tensor | None = None):
+                 theta: torch.Tensor | None = None, cache: bool = True):
         b, hh, ww = image.shape
         dt, dev = image.dtype, image.device
         self.kind = kind
         self.dtype, self.device = dt, dev
         self.radius = radius.to(dt)
         finite_r = torch.where(torch.isfinite(self.radius), self.radius, torch.zeros_like(self.radius))
-        self.h = int(math.ceil(float(finite_r.max()))) + 1 if b else 1
-        h = self.h
-        self.win = 2 * h + 2
-        self.pad = h + 3
-        p = self.pad
+        h = int(math.ceil(float(finite_r.max()))) + 1 if b else 1
+        self.h = h = min(h, max(hh, ww))  # farther pixels are off every stamp
+        self.win = w = 2 * h + 2
+        self.pad = p = h + 3
         self.hp, self.wp = hh + 2 * p, ww + 2 * p
         self.has_mask = bool(mask.any())
         self.img = F.pad(image, (p, p, p, p)).reshape(-1)
@@ -83,15 +98,28 @@ class AsymmetryFunction:
         self.inner = inner.to(dt) if inner is not None else None
         self.elong = elongation.to(dt) if elongation is not None else None
         self.theta = theta.to(dt) if theta is not None else None
-        w = self.win
         ar = torch.arange(w, device=dev)
         self._grid = ar.view(w, 1) * self.wp + ar.view(1, w)
         src = torch.arange(w, -1, -1, device=dev)  # the rotated window is read backwards
         self._sgrid = src.view(w + 1, 1) * self.wp + src.view(1, w + 1)
         back = torch.arange(w - 1, -1, -1, device=dev)
         self._bgrid = back.view(w, 1) * self.wp + back.view(1, w)
+        self.cache = cache and kind != "outer"
         if kind in ("cas", "rms", "shape"):
             self._static_ring()
+        if self.cache:
+            # per stamp: the cell of the centre whose planes are kept (floor(2 c), and floor(2 c + 1/2)
+            # for stamps with masked pixels), the planes, the interior sums of |image| and of the
+            # usable pixels, and both at the ring pixels
+            self._masked = (mask & inside).flatten(1).any(1)
+            self._key = torch.full((b, 4), -(2 ** 40), dtype=torch.long, device=dev)
+            k = self.ring_idx.shape[1]
+            self._planes = torch.zeros((b, 4, w * w), dtype=dt, device=dev)
+            self._fixed = torch.zeros((b, 2), dtype=dt, device=dev)
+            self._ringabs = torch.zeros((b, k), dtype=dt, device=dev)
+            self._ringvalid = torch.zeros((b, k), dtype=dt, device=dev)
+            self._buf4 = torch.empty_like(self._planes)
+            self._buf = torch.empty((b, w * w), dtype=dt, device=dev)
 
     # -- static split of the window into "always inside" pixels and a ring of partial ones --
     def _static_ring(self):
@@ -102,16 +130,18 @@ class AsymmetryFunction:
         far2 = far.view(w, 1) ** 2 + far.view(1, w) ** 2
         near2 = near.view(w, 1) ** 2 + near.view(1, w) ** 2
         r2 = (self.radius ** 2).view(-1, 1, 1)
-        self.interior = (far2[None] <= r2).to(dt).flatten(1)
-        ring = ~(far2[None] <= r2) & ~(near2[None] >= r2)
-        ring = ring.reshape(ring.shape[0], -1)
+        inner = far2[None] <= r2
+        self.interior = inner.to(dt).flatten(1)
+        ring = (~inner & ~(near2[None] >= r2)).flatten(1)
+        self._support = self.interior + ring.to(dt)
         counts = ring.sum(1)
-        k = int(counts.max()) if counts.numel() else 0
-        k = max(k, 1)
+        k = max(int(counts.max()) if counts.numel() else 0, 1)
         order = torch.sort(ring.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
-        self.ring_idx = order
-        valid = (torch.arange(k, device=dev)[None, :] < counts[:, None]).to(dt)
-        self.ring = torch.stack([(order % w).to(dt) - h, (order // w).to(dt) - h, valid], 1)
+        self.ring_idx = order  # (B, K) flat window index of the ring pixels (then padding)
+        self.ring_pad = (torch.arange(k, device=dev)[None, :] < counts[:, None]).to(dt)
+        # rows of the per-axis corner table (see _ring_weights) of each ring pixel: x, y
+        self._ring_rows = torch.stack([order % w, w + order // w], 1)  # (B, 2, K)
+        self._arange = torch.arange(ring.shape[0], device=dev)
 
     # -- evaluation --
     def __call__(self, idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
@@ -119,7 +149,6 @@ class AsymmetryFunction:
         npts = idx.numel()
         if npts == 0:
             return torch.empty(0, dtype=self.dtype, device=self.device)
-        w = self.win
         c = torch.stack([cx, cy]).to(self.dtype)  # (2, P)
         oob = ((c < 0) | (c >= self.lim[:, idx])).any(0)
         c = c.masked_fill(oob, 0.0)
@@ -127,45 +156,31 @@ class AsymmetryFunction:
         frac = c - fl
         two = c + c
         n2 = torch.floor(two)
-        g = (two - n2).view(2, -1, 1, 1)
-        # integer parts: floor(c) (window), floor(2c) - floor(c) (rotated image), floor(2c + 1/2) - floor(c) (mask)
-        ints = torch.stack([fl, n2 - fl, torch.floor(two + 0.5) - fl]).to(torch.long) + self._off  # (3, 2, P)
-        starts = (self.base[idx] + ints[:, 1] * self.wp + ints[:, 0]).view(3, -1, 1, 1)
-        gidx = (starts[0] + self._grid).view(-1)
-        im = self.img.index_select(0, gidx).view(npts, w, w)
-        st = self.state.index_select(0, gidx).view(npts, w, w)
-        # rotated image: bilinear weights along x, then along y (skimage's order of operations)
-        src = self.img.index_select(0, (starts[1] + self._sgrid).view(-1)).view(npts, w + 1, w + 1)
-        rot = self._bilinear(src, g)
-        if self.has_mask:
-            # usable: inside the stamp, not masked here nor at the mirror pixel floor(2c + 1/2) - x
-            srot = self.state.index_select(0, (starts[2] + self._bgrid).view(-1)).view(npts, w, w)
-            valid = (st == 1) & (srot < 2)
-            im = im.masked_fill(~valid, 0.0)
-        else:
-            valid = st == 1
-        rot = rot.masked_fill(~valid, 0.0)  # off-stamp pixels do not exist for the sums
-        terms = torch.empty((npts, 3, w, w), dtype=self.dtype, device=self.device)
-        torch.sub(rot, im, out=terms[:, 0])
-        if self.kind == "rms":
-            terms[:, 0].square_()
-            torch.square(im, out=terms[:, 1])
-        else:
-            terms[:, 0].abs_()
-            torch.abs(im, out=terms[:, 1])
-        terms[:, 2].copy_(valid)
-        terms = terms.view(npts, 3, w * w)
+        g = two - n2  # (2, P)
+        m2 = torch.floor(two + 0.5)
         if self.kind == "outer":
-            wgt = self._ellipse_weights(idx, frac[0], frac[1]).view(npts, w * w, 1)
-            sums = torch.bmm(terms, wgt).squeeze(2)
+            planes, absim, valid = self._build(idx, fl, n2, m2)
+            wgt = self._ellipse_weights(idx, frac[0], frac[1]).view(npts, -1)
+            t = self._norm(self._combine(planes, g))
+            num = torch.linalg.vecdot(t, wgt)
+            den = torch.linalg.vecdot(absim, wgt)
+            area = torch.linalg.vecdot(valid, wgt)
         else:
-            ring = self.ring[idx]  # (P, 3, K): offsets from floor(c) and validity
-            k = ring.shape[2]
-            wr = circle_pixel_overlap(ring[:, 0] - frac[0, :, None], ring[:, 1] - frac[1, :, None],
-                                      self.radius[idx, None]) * ring[:, 2]
-            vals = terms.gather(2, self.ring_idx[idx].unsqueeze(1).expand(-1, 3, k))
-            sums = (torch.bmm(terms, self.interior[idx].unsqueeze(2)) + torch.bmm(vals, wr.unsqueeze(2))).squeeze(2)
-        num, den, area = sums.unbind(1)
+            # interior pixels weigh 1, ring pixels their exact overlap, the others 0 (their planes
+            # are zero: the pixels of the window outside the interior and the ring do not count)
+            if self.cache:
+                planes, fixed, ringabs, ringvalid = self._cached(idx, fl, n2, m2)
+            else:
+                planes, absim, valid = self._build(idx, fl, n2, m2, self._support[idx])
+                fixed, ringabs, ringvalid = self._reduced(idx, absim, valid)
+            buf = self._buf[:npts] if self.cache and npts <= len(self._buf) else None
+            t = self._norm(self._combine(planes, g, out=buf))
+            pad = self.ring_pad[idx]
+            wr = self._ring_weights(idx, frac) * pad
+            tr = t.gather(1, self.ring_idx[idx])
+            num = t.sum(1) + torch.linalg.vecdot(tr, wr - pad)
+            den = fixed[:, 0] + torch.linalg.vecdot(ringabs, wr)
+            area = fixed[:, 1] + torch.linalg.vecdot(ringvalid, wr)
         sky = self.sky[idx]
         has_sky = torch.isfinite(sky)
         if self.kind == "shape":
@@ -177,10 +192,115 @@ class AsymmetryFunction:
             value = torch.where(has_sky, (num - area * sky) / den, num / den)
         return torch.where(oob | (den == 0), torch.full_like(value, BAD_VALUE), value)
 
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """|x| (x squared for kind "rms"), in place."""
+        return x.square_() if self.kind == "rms" else x.abs_()
+
     @staticmethod
-    def _bilinear(src: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        rows = torch.lerp(src[:, :, 1:], src[:, :, :-1], g[0])
-        return torch.lerp(rows[:, 1:], rows[:, :-1], g[1])
+    def _combine(planes: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotated minus original image (P, w * w) from the planes (P, 4, w * w) at the sub-pixel
+        parts ``g`` (2, P) of ``2 c``."""
+        gx, gy = g[0].unsqueeze(1), g[1].unsqueeze(1)
+        out = torch.addcmul(planes[:, 0], planes[:, 1], gx, out=out)
+        out.addcmul_(planes[:, 2], gy)
+        return out.addcmul_(planes[:, 3], gx * gy)
+
+    def _build(self, idx, fl, n2, m2, support=None):
+        """For the cells of the points: the planes (P, 4, w * w) of the rotated minus the original
+        image, |image| (its square for kind "rms") and the usable pixels, all zero where a pixel
+        is not usable (off the stamp, masked here or at the mirror pixel ``floor(2 c + 1/2) - x``,
+        or outside ``support`` (P, w * w), if given)."""
+        npts, w = idx.numel(), self.win
+        ints = torch.stack([fl, n2 - fl, m2 - fl]).to(torch.long) + self._off  # (3, 2, P)
+        starts = (self.base[idx] + ints[:, 1] * self.wp + ints[:, 0]).view(3, -1, 1, 1)
+        gidx = (starts[0] + self._grid).view(-1)
+        im = self.img.index_select(0, gidx).view(npts, w, w)
+        src = self.img.index_select(0, (starts[1] + self._sgrid).view(-1)).view(npts, w + 1, w + 1)
+        st = self.state.index_select(0, gidx).view(npts, w, w)
+        if self.has_mask:
+            srot = self.state.index_select(0, (starts[2] + self._bgrid).view(-1)).view(npts, w, w)
+            valid = ((st == 1) & (srot < 2)).to(self.dtype)
+        else:
+            valid = (st == 1).to(self.dtype)
+        if support is not None:
+            valid.mul_(support.view(npts, w, w))
+        a, bx, cy, e = src[:, 1:, 1:], src[:, 1:, :-1], src[:, :-1, 1:], src[:, :-1, :-1]
+        planes = torch.empty((npts, 4, w, w), dtype=self.dtype, device=self.device)
+        torch.sub(a, im, out=planes[:, 0])
+        torch.sub(bx, a, out=planes[:, 1])
+        torch.sub(cy, a, out=planes[:, 2])
+        torch.sub(e, cy, out=planes[:, 3])
+        planes[:, 3].sub_(bx).add_(a)
+        planes.mul_(valid.unsqueeze(1))
+        absim = self._norm(im).mul_(valid)
+        return planes.view(npts, 4, w * w), absim.view(npts, w * w), valid.view(npts, w * w)
+
+    def _cached(self, idx, fl, n2, m2):
+        """For points ``idx``: the planes, the sums of |image| and of the usable pixels over the
+        interior, and both at the ring pixels, from those kept per stamp; rebuilt (and kept) for
+        the points whose cell differs from their stamp's."""
+        npts = idx.numel()
+        if npts > 1:
+            order = torch.sort(idx, stable=True)
+            rep = order.values[1:] == order.values[:-1]
+            if bool(rep.any()):  # a stamp named twice (a simplex shrink): each point from its own cell
+                planes, absim, valid = self._build(idx, fl, n2, m2, self._support[idx])
+                return (planes,) + self._reduced(idx, absim, valid)
+        key = torch.cat([n2, torch.where(self._masked[idx], m2, torch.zeros_like(m2))]).to(torch.long).T
+        miss = ~(key == self._key[idx]).all(1)
+        mi = miss.nonzero().squeeze(1)
+        if mi.numel():
+            j = idx[mi]
+            planes, absim, valid = self._build(j, fl[:, mi], n2[:, mi], m2[:, mi], self._support[j])
+            self._key[j] = key[mi]
+            self._planes[j] = planes
+            self._fixed[j], self._ringabs[j], self._ringvalid[j] = self._reduced(j, absim, valid)
+        if npts == self._key.shape[0] and bool((idx == self._arange).all()):
+            return self._planes, self._fixed, self._ringabs, self._ringvalid
+        # (into a reused buffer: fresh large tensors at every call are slow on CPUs)
+        planes = torch.index_select(self._planes, 0, idx, out=self._buf4[:npts])
+        return planes, self._fixed[idx], self._ringabs[idx], self._ringvalid[idx]
+
+    def _reduced(self, idx, absim, valid):
+        """Interior sums (P, 2) of |image| and of the usable pixels, and both at the ring pixels
+        (P, K) (zero on the padding)."""
+        interior = self.interior[idx]
+        fixed = torch.stack([torch.linalg.vecdot(absim, interior), torch.linalg.vecdot(valid, interior)], 1)
+        ring, pad = self.ring_idx[idx], self.ring_pad[idx]
+        return fixed, absim.gather(1, ring) * pad, valid.gather(1, ring) * pad
+
+    def _ring_weights(self, idx: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+        """Exact overlaps (P, K) of the ring pixels with the circle about the centre: the mixed
+        difference of ``F`` over the pixel's corners. (0/1 floats and blends instead of
+        ``torch.where``, which is much slower on CPUs.)"""
+        w, h = self.win, self.h
+        npts = idx.numel()
+        r = self.radius[idx].view(-1, 1, 1)
+        r2 = r * r
+        # corner coordinates relative to the centre, x (row 0) and y (row 1): (P, 2, w + 1)
+        corner = torch.arange(w + 1, device=self.device, dtype=self.dtype) - (h + 0.5)
+        z = corner.view(1, 1, -1) - frac.T.unsqueeze(2)
+        sz = torch.sign(z)
+        bz = torch.minimum(z.abs(), r)
+        rs = torch.where(r > 0, r, torch.ones_like(r))
+        gz = 0.5 * (bz * torch.sqrt((r2 - bz * bz).clamp_min(0.0)) + r2 * torch.asin((bz / rs).clamp(max=1.0)))
+        gz = (gz - (0.125 * math.pi) * r2) * sz  # signed term of F outside the disc
+        # per corner: squared distance term, coordinate clipped to [-r, r], term of F, sign, at the
+        # low and the high corner of each pixel column (x) and row (y)
+        q = torch.stack([bz * bz, bz * sz, gz, sz])  # (4, P, 2, w + 1)
+        table = torch.stack([q[..., :-1], q[..., 1:]], 1).view(-1)  # (4, corner, P, 2, w) flat
+        k = self._ring_rows.shape[2]
+        base = torch.arange(0, 8 * npts * 2 * w, 2 * w, device=self.device).view(8, npts, 1)
+        at = table.index_select(0, (base + self._ring_rows[idx].view(1, npts, 2 * k)).view(-1))
+        at = at.view(4, 2, npts, 2, k)  # (q, corner, point, axis, pixel)
+        x, y = at[:, :, :, 0].unsqueeze(2), at[:, :, :, 1].unsqueeze(1)  # (4, 2, 1, P, K), (4, 1, 2, P, K)
+        d2 = x[0] + y[0]  # (x corner, y corner, P, K)
+        inside = torch.le(d2, r2.view(1, 1, -1, 1), out=torch.empty_like(d2))  # 1.0: corner in the disc
+        f = torch.mul(x[2], y[3])
+        f.addcmul_(x[3], y[2])
+        f = torch.lerp(f, x[1] * y[1], inside, out=d2)
+        area = (f[1, 1] - f[0, 1]) - (f[1, 0] - f[0, 0])
+        return area.clamp_(0.0, 1.0)
 
     def _ellipse_weights(self, idx, fx, fy):
         w, h = self.win, self.h

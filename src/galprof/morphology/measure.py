@@ -490,23 +490,10 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
 
     clock("shape_segmap_rhalf")
     # --- asymmetries in other apertures -------------------------------------------------------
-    one = ok.nonzero().squeeze(1)
-    shape_asym, outer_asym, rms_asym = nan(), nan(), nan()
-    if one.numel():
-        sel = one[(rmax_circ[one] > 0)]
-        if sel.numel():
-            f = AsymmetryFunction(seg_shape[sel].to(dt), mask[sel], bt.ny[sel], bt.nx[sel], rmax_circ[sel],
-                                  None, kind="shape")
-            shape_asym[sel] = f(torch.arange(sel.numel(), device=dev), xa[sel], ya[sel])
-        sel = one[(rhalf_ellip[one] > 0) & (rmax_ellip[one] > 0)]
-        if sel.numel():
-            f = AsymmetryFunction(img[sel], mask[sel], bt.ny[sel], bt.nx[sel], rmax_ellip[sel], sky_asym[sel],
-                                  kind="outer", inner=rhalf_ellip[sel], elongation=el_a[sel], theta=th_a[sel])
-            outer_asym[sel] = f(torch.arange(sel.numel(), device=dev), xa[sel], ya[sel])
-        f = AsymmetryFunction(img[one], mask[one], bt.ny[one], bt.nx[one], radius[one], sky_sigma[one], kind="rms")
-        rms_asym[one] = f(torch.arange(one.numel(), device=dev), xa[one], ya[one])
-    for v in (shape_asym, outer_asym, rms_asym):
-        v.masked_fill_(v == 100.0, float("nan"))
+    shape_asym = _asymmetry_once("shape", ok & (rmax_circ > 0), seg_shape.to(dt), mask, bt, rmax_circ, xa, ya)
+    outer_asym = _asymmetry_once("outer", ok & (rhalf_ellip > 0) & (rmax_ellip > 0), img, mask, bt, rmax_ellip, xa,
+                                 ya, sky_asym, inner=rhalf_ellip, elongation=el_a, theta=th_a)
+    rms_asym = _asymmetry_once("rms", ok, img, mask, bt, radius, xa, ya, sky_sigma)
 
     clock("other_asymmetries")
     # --- Gini segmentation, Gini, M20 ---------------------------------------------------------
@@ -594,6 +581,34 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     out["_flag"] = flag
     log.debug("morphology stage CPU times (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in clock.times.items()))
     return out
+
+
+def _groups(radius: torch.Tensor, sel: torch.Tensor, budget: int, most: int | None = None) -> list[torch.Tensor]:
+    """Stamps ``sel`` sorted by aperture radius and cut into groups whose asymmetry windows
+    (side ``2 ceil(r) + 4``) hold at most ``budget`` pixels together (and ``most`` stamps)."""
+    if sel.numel() == 0:
+        return []
+    order = sel[torch.argsort(radius[sel])]
+    side = [2 * math.ceil(r) + 4 if math.isfinite(r) else 4 for r in radius[order].tolist()]
+    groups, start = [], 0
+    for i in range(1, len(side) + 1):
+        if i == len(side) or (i + 1 - start) * side[i] ** 2 > budget or (most and i - start >= most):
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
+def _asymmetry_once(kind, sel, img, mask, bt, radius, xa, ya, sky=None, inner=None, elongation=None, theta=None,
+                    budget: int = 2 ** 20):
+    """Asymmetry of kind ``kind`` of the stamps ``sel`` (mask) about ``(xa, ya)``; NaN elsewhere
+    and where it is undefined."""
+    out = torch.full((bt.b,), float("nan"), dtype=bt.dtype, device=bt.device)
+    pick = lambda t, g: None if t is None else t[g]  # noqa: E731
+    for g in _groups(radius, sel.nonzero().squeeze(1), budget):
+        f = AsymmetryFunction(img[g], mask[g], bt.ny[g], bt.nx[g], radius[g], pick(sky, g), kind=kind,
+                              inner=pick(inner, g), elongation=pick(elongation, g), theta=pick(theta, g), cache=False)
+        out[g] = f(torch.arange(g.numel(), device=bt.device), xa[g], ya[g])
+    return out.masked_fill_(out == 100.0, float("nan"))
 
 
 def _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag):
