@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import GalprofError
 
-__all__ = ["ClusterError", "ClusterOptions", "fit_on_cluster", "fit_partition", "worker_device"]
+__all__ = ["ClusterError", "ClusterOptions", "fit_on_cluster", "fit_partition", "local_cluster", "worker_device"]
 
 log = logging.getLogger("galprof")
 
@@ -99,6 +99,24 @@ def _import_distributed():
     return distributed
 
 
+#: Dask's nanny starts workers with this variable (65536), which fixes glibc's mmap threshold at
+#: 128 kB: every large temporary tensor is then mapped and unmapped afresh, and fitting on CPU runs
+#: about 3x slower (docs/benchmarks.md). galprof's local clusters leave it out.
+SLOW_MALLOC = "MALLOC_TRIM_THRESHOLD_"
+
+
+def local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs):
+    """A :class:`distributed.LocalCluster` of ``n_workers`` worker processes on the loopback
+    interface, as ``--workers N`` starts it: workers without Dask's ``MALLOC_TRIM_THRESHOLD_``
+    (see :data:`SLOW_MALLOC`), one torch thread per worker thread (Dask's ``OMP_NUM_THREADS=1``)."""
+    import dask
+
+    distributed = _import_distributed()
+    options = {"processes": True, "host": "127.0.0.1", "dashboard_address": ":0", **kwargs}
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{SLOW_MALLOC}": None}):
+        return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # The worker's side
 @dataclass
@@ -118,6 +136,15 @@ class _Recipe:
 
 _TEMPLATES: dict = {}  # on a worker: run token -> empty result table (for rows that cannot be fitted)
 _CACHE_LOCK = threading.Lock()
+
+
+def _worker_warnings(device: str) -> list[str]:
+    """Settings of this worker process that make fitting slow (reported once per run by the client)."""
+    if device == "cpu" and SLOW_MALLOC in os.environ and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        return [f"workers run with {SLOW_MALLOC}={os.environ[SLOW_MALLOC]} (Dask's default), which makes fitting on "
+                "CPU about 3x slower: start them with MALLOC_MMAP_THRESHOLD_=33554432 in their environment, or "
+                f"set the Dask configuration distributed.nanny.pre-spawn-environ.{SLOW_MALLOC} to null"]
+    return []
 
 
 def worker_device(device: str, *, assign_gpus: bool = False, worker_name=None) -> str:
@@ -203,7 +230,7 @@ def fit_partition(recipe: _Recipe, number: int, rows: list[int], part) -> tuple:
 
         worker = get_worker().address
     info = {"worker": worker, "pid": os.getpid(), "device": describe_device(device), "read_s": t1 - t0,
-            "fit_s": t2 - t1}
+            "fit_s": t2 - t1, "warnings": _worker_warnings(device)}
     return table, collect.records, info
 
 
@@ -229,8 +256,7 @@ def _client(copts: ClusterOptions):
     if chatter.getEffectiveLevel() < logging.WARNING:
         chatter.setLevel(logging.WARNING)
     try:
-        cluster = distributed.LocalCluster(n_workers=copts.n_workers, threads_per_worker=copts.threads_per_worker,
-                                           processes=True, host="127.0.0.1", dashboard_address=":0")
+        cluster = local_cluster(copts.n_workers, copts.threads_per_worker)
         with cluster, distributed.Client(cluster, set_as_default=False) as client:
             log.info("started a local Dask cluster of %d worker processes x %d threads at %s (%.1f s)",
                      copts.n_workers, copts.threads_per_worker, cluster.scheduler_address, time.perf_counter() - t0)
@@ -301,6 +327,7 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
                 pass
 
         written: set = set()
+        warned: set = set()
         try:
             fill()
             for future in pending:
@@ -322,6 +349,10 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
                     fitted_now += len(rows)
                     progress.update(len(rows), int(np.sum(np.asarray(table["status"]) == "bad_input")))
                 per_worker[info["worker"]] += 1
+                for text in info.get("warnings", ()):
+                    if text not in warned:
+                        warned.add(text)
+                        log.warning("%s", text)
                 devices.add(info["device"])
                 task_s += info["read_s"] + info["fit_s"]
                 read_s += info["read_s"]
