@@ -105,19 +105,23 @@ class AsymmetryFunction:
         back = torch.arange(w - 1, -1, -1, device=dev)
         self._bgrid = back.view(w, 1) * self.wp + back.view(1, w)
         self.cache = cache and kind != "outer"
+        # per stamp: stamp size (x, y), and the sky terms of ``(num - area a) / (den - area d)``
+        sky = torch.where(torch.isfinite(self.sky), self.sky, torch.zeros_like(self.sky))
+        zero = torch.zeros_like(sky)
+        a, d = {"cas": (sky, zero), "outer": (sky, zero), "rms": (2 * sky * sky, sky * sky),
+                "shape": (zero, zero)}[kind]
+        self._info = torch.stack([self.lim[0], self.lim[1], a, d, (mask & inside).flatten(1).any(1).to(dt)], 1)
         if kind in ("cas", "rms", "shape"):
             self._static_ring()
         if self.cache:
             # per stamp: the cell of the centre whose planes are kept (floor(2 c), and floor(2 c + 1/2)
             # for stamps with masked pixels), the planes, the interior sums of |image| and of the
-            # usable pixels, and both at the ring pixels
-            self._masked = (mask & inside).flatten(1).any(1)
-            self._key = torch.full((b, 4), -(2 ** 40), dtype=torch.long, device=dev)
-            k = self.ring_idx.shape[1]
+            # usable pixels, and both at the ring pixels (with the padding flag)
+            self._key = torch.full((b, 2), -(2 ** 40), dtype=torch.long, device=dev)
             self._planes = torch.zeros((b, 4, w * w), dtype=dt, device=dev)
             self._fixed = torch.zeros((b, 2), dtype=dt, device=dev)
-            self._ringabs = torch.zeros((b, k), dtype=dt, device=dev)
-            self._ringvalid = torch.zeros((b, k), dtype=dt, device=dev)
+            self._ringf = torch.stack([self.ring_pad, torch.zeros_like(self.ring_pad),
+                                       torch.zeros_like(self.ring_pad)], 1)  # (B, 3, K): pad, |image|, usable
             self._buf4 = torch.empty_like(self._planes)
             self._buf = torch.empty((b, w * w), dtype=dt, device=dev)
 
@@ -139,28 +143,37 @@ class AsymmetryFunction:
         order = torch.sort(ring.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
         self.ring_idx = order  # (B, K) flat window index of the ring pixels (then padding)
         self.ring_pad = (torch.arange(k, device=dev)[None, :] < counts[:, None]).to(dt)
-        # rows of the per-axis corner table (see _ring_weights) of each ring pixel: x, y
-        self._ring_rows = torch.stack([order % w, w + order // w], 1)  # (B, 2, K)
+        # per ring pixel: its window index, and its rows (x, then y) of the corner table of _ring_weights
+        self._ringi = torch.cat([order, order % w, w + order // w], 1)  # (B, 3 K)
         self._arange = torch.arange(ring.shape[0], device=dev)
+        r = self.radius.clamp_min(torch.finfo(dt).tiny)
+        self._rq = torch.stack([1.0 / r, r * r], 1)  # (B, 2)
+        self._corner = torch.arange(w + 1, device=dev, dtype=dt) - (h + 0.5)  # corners, from floor(c)
+        self._mix = torch.tensor([[1.0, -1.0, -1.0, 1.0]], device=dev, dtype=dt)  # LL, LH, HL, HH
 
     # -- evaluation --
     def __call__(self, idx: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
         """Asymmetry of stamps ``idx`` about ``(cx, cy)`` (pixels, stamp coordinates)."""
+        return self.at(idx, torch.stack([cx, cy], 1))
+
+    def at(self, idx: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Asymmetry of stamps ``idx`` (P,) about the centres ``c`` (P, 2) (x, y; pixels)."""
         npts = idx.numel()
         if npts == 0:
             return torch.empty(0, dtype=self.dtype, device=self.device)
-        c = torch.stack([cx, cy]).to(self.dtype)  # (2, P)
-        oob = ((c < 0) | (c >= self.lim[:, idx])).any(0)
-        c = c.masked_fill(oob, 0.0)
-        fl = torch.floor(c)
+        info = self._info[idx]  # (P, 5)
+        c = c.to(self.dtype)
+        inb = ((c >= 0) & (c < info[:, :2])).all(1)
+        c = torch.where(inb.unsqueeze(1), c, torch.zeros_like(c))
+        fl = c.floor()
         frac = c - fl
         two = c + c
-        n2 = torch.floor(two)
-        g = two - n2  # (2, P)
-        m2 = torch.floor(two + 0.5)
+        n2 = two.floor()
+        g = two - n2  # (P, 2)
+        m2 = (two + 0.5).floor()
         if self.kind == "outer":
             planes, absim, valid = self._build(idx, fl, n2, m2)
-            wgt = self._ellipse_weights(idx, frac[0], frac[1]).view(npts, -1)
+            wgt = self._ellipse_weights(idx, frac[:, 0], frac[:, 1]).view(npts, -1)
             t = self._norm(self._combine(planes, g))
             num = torch.linalg.vecdot(t, wgt)
             den = torch.linalg.vecdot(absim, wgt)
@@ -168,29 +181,22 @@ class AsymmetryFunction:
         else:
             # interior pixels weigh 1, ring pixels their exact overlap, the others 0 (their planes
             # are zero: the pixels of the window outside the interior and the ring do not count)
-            if self.cache:
-                planes, fixed, ringabs, ringvalid = self._cached(idx, fl, n2, m2)
-            else:
+            if self.cache and not (npts > 1 and int(torch.bincount(idx).max()) > 1):
+                planes, fixed, ringf, buf = self._cached(idx, fl, n2, m2, info[:, 4])
+            else:  # single evaluations (or a stamp named twice)
                 planes, absim, valid = self._build(idx, fl, n2, m2, self._support[idx])
                 fixed, ringabs, ringvalid = self._reduced(idx, absim, valid)
-            buf = self._buf[:npts] if self.cache and npts <= len(self._buf) else None
+                ringf, buf = torch.stack([self.ring_pad[idx], ringabs, ringvalid], 1), None
             t = self._norm(self._combine(planes, g, out=buf))
-            pad = self.ring_pad[idx]
-            wr = self._ring_weights(idx, frac) * pad
-            tr = t.gather(1, self.ring_idx[idx])
-            num = t.sum(1) + torch.linalg.vecdot(tr, wr - pad)
-            den = fixed[:, 0] + torch.linalg.vecdot(ringabs, wr)
-            area = fixed[:, 1] + torch.linalg.vecdot(ringvalid, wr)
-        sky = self.sky[idx]
-        has_sky = torch.isfinite(sky)
-        if self.kind == "shape":
-            value = num / den
-        elif self.kind == "rms":
-            s2 = sky * sky
-            value = torch.where(has_sky, (num - 2 * area * s2) / (den - area * s2), num / den)
-        else:
-            value = torch.where(has_sky, (num - area * sky) / den, num / den)
-        return torch.where(oob | (den == 0), torch.full_like(value, BAD_VALUE), value)
+            ringi = self._ringi[idx]
+            k = ringi.shape[1] // 3
+            wr = self._ring_weights(idx, frac, ringi[:, k:]) * ringf[:, 0]  # (P, K), 0 on the padding
+            tr = t.gather(1, ringi[:, :k])
+            num = t.sum(1) + torch.linalg.vecdot(tr, wr - ringf[:, 0])
+            ring = torch.bmm(ringf[:, 1:], wr.unsqueeze(2)).squeeze(2)  # (P, 2)
+            den, area = (fixed + ring).unbind(1)
+        value = (num - area * info[:, 2]) / (den - area * info[:, 3])
+        return torch.where(inb & (den != 0), value, torch.full_like(value, BAD_VALUE))
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """|x| (x squared for kind "rms"), in place."""
@@ -199,8 +205,8 @@ class AsymmetryFunction:
     @staticmethod
     def _combine(planes: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rotated minus original image (P, w * w) from the planes (P, 4, w * w) at the sub-pixel
-        parts ``g`` (2, P) of ``2 c``."""
-        gx, gy = g[0].unsqueeze(1), g[1].unsqueeze(1)
+        parts ``g`` (P, 2) of ``2 c``."""
+        gx, gy = g[:, :1], g[:, 1:]
         out = torch.addcmul(planes[:, 0], planes[:, 1], gx, out=out)
         out.addcmul_(planes[:, 2], gy)
         return out.addcmul_(planes[:, 3], gx * gy)
@@ -211,7 +217,7 @@ class AsymmetryFunction:
         is not usable (off the stamp, masked here or at the mirror pixel ``floor(2 c + 1/2) - x``,
         or outside ``support`` (P, w * w), if given)."""
         npts, w = idx.numel(), self.win
-        ints = torch.stack([fl, n2 - fl, m2 - fl]).to(torch.long) + self._off  # (3, 2, P)
+        ints = torch.stack([fl.T, (n2 - fl).T, (m2 - fl).T]).to(torch.long) + self._off  # (3, 2, P)
         starts = (self.base[idx] + ints[:, 1] * self.wp + ints[:, 0]).view(3, -1, 1, 1)
         gidx = (starts[0] + self._grid).view(-1)
         im = self.img.index_select(0, gidx).view(npts, w, w)
@@ -235,31 +241,29 @@ class AsymmetryFunction:
         absim = self._norm(im).mul_(valid)
         return planes.view(npts, 4, w * w), absim.view(npts, w * w), valid.view(npts, w * w)
 
-    def _cached(self, idx, fl, n2, m2):
-        """For points ``idx``: the planes, the sums of |image| and of the usable pixels over the
-        interior, and both at the ring pixels, from those kept per stamp; rebuilt (and kept) for
-        the points whose cell differs from their stamp's."""
+    def _cached(self, idx, fl, n2, m2, masked):
+        """For points ``idx`` (each stamp at most once): the planes, the interior sums of |image|
+        and of the usable pixels (P, 2), the ring's padding flag, |image| and usable flag
+        (P, 3, K), and a buffer for the combination; from those kept per stamp, rebuilt (and
+        kept) for the points whose cell differs from their stamp's."""
         npts = idx.numel()
-        if npts > 1:
-            order = torch.sort(idx, stable=True)
-            rep = order.values[1:] == order.values[:-1]
-            if bool(rep.any()):  # a stamp named twice (a simplex shrink): each point from its own cell
-                planes, absim, valid = self._build(idx, fl, n2, m2, self._support[idx])
-                return (planes,) + self._reduced(idx, absim, valid)
-        key = torch.cat([n2, torch.where(self._masked[idx], m2, torch.zeros_like(m2))]).to(torch.long).T
-        miss = ~(key == self._key[idx]).all(1)
-        mi = miss.nonzero().squeeze(1)
+        key = (n2 + n2 + masked.unsqueeze(1) * (m2 - n2)).to(torch.long)  # floor(4 c) where masked
+        mi = (key != self._key[idx]).any(1).nonzero().squeeze(1)
         if mi.numel():
             j = idx[mi]
-            planes, absim, valid = self._build(j, fl[:, mi], n2[:, mi], m2[:, mi], self._support[j])
+            planes, absim, valid = self._build(j, fl[mi], n2[mi], m2[mi], self._support[j])
             self._key[j] = key[mi]
             self._planes[j] = planes
-            self._fixed[j], self._ringabs[j], self._ringvalid[j] = self._reduced(j, absim, valid)
+            fixed, ringabs, ringvalid = self._reduced(j, absim, valid)
+            self._fixed[j] = fixed
+            self._ringf[j, 1] = ringabs
+            self._ringf[j, 2] = ringvalid
+        buf = self._buf[:npts]
         if npts == self._key.shape[0] and bool((idx == self._arange).all()):
-            return self._planes, self._fixed, self._ringabs, self._ringvalid
+            return self._planes, self._fixed, self._ringf, buf
         # (into a reused buffer: fresh large tensors at every call are slow on CPUs)
         planes = torch.index_select(self._planes, 0, idx, out=self._buf4[:npts])
-        return planes, self._fixed[idx], self._ringabs[idx], self._ringvalid[idx]
+        return planes, self._fixed[idx], self._ringf[idx], buf
 
     def _reduced(self, idx, absim, valid):
         """Interior sums (P, 2) of |image| and of the usable pixels, and both at the ring pixels
@@ -269,38 +273,35 @@ class AsymmetryFunction:
         ring, pad = self.ring_idx[idx], self.ring_pad[idx]
         return fixed, absim.gather(1, ring) * pad, valid.gather(1, ring) * pad
 
-    def _ring_weights(self, idx: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
-        """Exact overlaps (P, K) of the ring pixels with the circle about the centre: the mixed
-        difference of ``F`` over the pixel's corners. (0/1 floats and blends instead of
-        ``torch.where``, which is much slower on CPUs.)"""
-        w, h = self.win, self.h
+    def _ring_weights(self, idx: torch.Tensor, frac: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact overlaps (P, K) of the ring pixels with the circle about the centre (``frac``:
+        its offsets (P, 2) from ``floor(c)``; ``rows``: the ring pixels' rows in the corner table,
+        x then y, (P, 2 K)): the mixed difference of ``F`` over each pixel's corners. ``F`` is
+        evaluated in units of the radius; 0/1 floats and blends stand in for ``torch.where``,
+        much slower on CPUs."""
+        w = self.win
         npts = idx.numel()
-        r = self.radius[idx].view(-1, 1, 1)
-        r2 = r * r
-        # corner coordinates relative to the centre, x (row 0) and y (row 1): (P, 2, w + 1)
-        corner = torch.arange(w + 1, device=self.device, dtype=self.dtype) - (h + 0.5)
-        z = corner.view(1, 1, -1) - frac.T.unsqueeze(2)
-        sz = torch.sign(z)
-        bz = torch.minimum(z.abs(), r)
-        rs = torch.where(r > 0, r, torch.ones_like(r))
-        gz = 0.5 * (bz * torch.sqrt((r2 - bz * bz).clamp_min(0.0)) + r2 * torch.asin((bz / rs).clamp(max=1.0)))
-        gz = (gz - (0.125 * math.pi) * r2) * sz  # signed term of F outside the disc
-        # per corner: squared distance term, coordinate clipped to [-r, r], term of F, sign, at the
-        # low and the high corner of each pixel column (x) and row (y)
-        q = torch.stack([bz * bz, bz * sz, gz, sz])  # (4, P, 2, w + 1)
+        rq = self._rq[idx]  # (P, 2): 1 / r, r^2
+        # per axis and corner: u = |z| / r clipped at 1, z the corner's offset from the centre
+        z = self._corner - frac.unsqueeze(2)  # (P, 2, w + 1)
+        sz = z.sign()
+        u = z.abs_().mul_(rq[:, :1, None]).clamp_(max=1.0)
+        u2 = u * u
+        # F / r^2 = (u_x s_x) (u_y s_y) inside the disc, else h(u_x) s_x s_y + s_x h(u_y) s_y
+        h = torch.sqrt((1.0 - u2).clamp_(min=0.0)).mul_(u).add_(torch.asin(u)).mul_(0.5).sub_(0.125 * math.pi)
+        q = torch.stack([u2, u.mul_(sz), h.mul_(sz), sz])  # (4, P, 2, w + 1)
         table = torch.stack([q[..., :-1], q[..., 1:]], 1).view(-1)  # (4, corner, P, 2, w) flat
-        k = self._ring_rows.shape[2]
+        k = rows.shape[1] // 2
         base = torch.arange(0, 8 * npts * 2 * w, 2 * w, device=self.device).view(8, npts, 1)
-        at = table.index_select(0, (base + self._ring_rows[idx].view(1, npts, 2 * k)).view(-1))
-        at = at.view(4, 2, npts, 2, k)  # (q, corner, point, axis, pixel)
+        at = table.index_select(0, (base + rows).view(-1)).view(4, 2, npts, 2, k)  # q, corner, point, axis
         x, y = at[:, :, :, 0].unsqueeze(2), at[:, :, :, 1].unsqueeze(1)  # (4, 2, 1, P, K), (4, 1, 2, P, K)
         d2 = x[0] + y[0]  # (x corner, y corner, P, K)
-        inside = torch.le(d2, r2.view(1, 1, -1, 1), out=torch.empty_like(d2))  # 1.0: corner in the disc
+        inside = torch.le(d2, 1.0, out=torch.empty_like(d2))  # 1.0: the corner is in the disc
         f = torch.mul(x[2], y[3])
         f.addcmul_(x[3], y[2])
         f = torch.lerp(f, x[1] * y[1], inside, out=d2)
-        area = (f[1, 1] - f[0, 1]) - (f[1, 0] - f[0, 0])
-        return area.clamp_(0.0, 1.0)
+        area = torch.mm(self._mix, f.view(4, -1)).view(npts, k)
+        return area.mul_(rq[:, 1:]).clamp_(0.0, 1.0)
 
     def _ellipse_weights(self, idx, fx, fy):
         w, h = self.win, self.h

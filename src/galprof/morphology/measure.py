@@ -626,7 +626,7 @@ def _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag
     for s in range(0, order.numel(), opts.chunk):
         sel = order[s:s + opts.chunk]
         fun = AsymmetryFunction(bt.img[sel], bt.mask[sel], bt.ny[sel], bt.nx[sel], radius[sel], sky_asym[sel])
-        call = lambda i, p, fun=fun: fun(i, p[:, 0], p[:, 1])  # noqa: E731
+        call = fun.at
         x0 = torch.stack([xc[sel], yc[sel]], 1)
         best, fbest, _, _ = nelder_mead(call, x0, xtol=opts.asym_xtol, ftol=opts.asym_ftol)
         far = torch.linalg.vector_norm(best - x0, dim=1) > drift[sel]
@@ -636,7 +636,7 @@ def _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag
             x1 = torch.stack([xb[sel][again], yb[sel][again]], 1)
             sub = AsymmetryFunction(bt.img[sel][again], bt.mask[sel][again], bt.ny[sel][again], bt.nx[sel][again],
                                     radius[sel][again], sky_asym[sel][again])
-            call2 = lambda i, p, sub=sub: sub(i, p[:, 0], p[:, 1])  # noqa: E731
+            call2 = sub.at
             best2, fbest2, _, _ = nelder_mead(call2, x1, xtol=opts.asym_xtol, ftol=opts.asym_ftol)
             far2 = torch.linalg.vector_norm(best2 - x1, dim=1) > drift[sel][again]
             best2 = torch.where(far2[:, None], x0[again], best2)
