@@ -84,7 +84,7 @@ class AsymmetryFunction:
         self.hp, self.wp = hh + 2 * p, ww + 2 * p
         self.has_mask = bool(mask.any())
         self.img = F.pad(image, (p, p, p, p)).reshape(-1)
-        # pixel state: 1 = inside the stamp, 2 = masked (a masked pixel is inside)
+        # pixel state: 1 = inside the stamp and not masked, 3 = masked (inside), 0 = off the stamp
         yy = torch.arange(hh, device=dev).view(1, hh, 1)
         xx = torch.arange(ww, device=dev).view(1, 1, ww)
         inside = (yy < ny.view(-1, 1, 1)) & (xx < nx.view(-1, 1, 1))
@@ -223,11 +223,13 @@ class AsymmetryFunction:
         im = self.img.index_select(0, gidx).view(npts, w, w)
         src = self.img.index_select(0, (starts[1] + self._sgrid).view(-1)).view(npts, w + 1, w + 1)
         st = self.state.index_select(0, gidx).view(npts, w, w)
+        # usable: state 1 here and not 3 at the mirror pixel (uint8 arithmetic: boolean tensors are
+        # slow on CPUs)
         if self.has_mask:
             srot = self.state.index_select(0, (starts[2] + self._bgrid).view(-1)).view(npts, w, w)
-            valid = ((st == 1) & (srot < 2)).to(self.dtype)
+            valid = (st & 1).bitwise_and_(((st | srot) >> 1) ^ 1).to(self.dtype)
         else:
-            valid = (st == 1).to(self.dtype)
+            valid = st.to(self.dtype)
         if support is not None:
             valid.mul_(support.view(npts, w, w))
         a, bx, cy, e = src[:, 1:, 1:], src[:, 1:, :-1], src[:, :-1, 1:], src[:, :-1, :-1]
