@@ -99,7 +99,8 @@ def main() -> None:
                 continue
             with np.errstate(invalid="ignore", divide="ignore"):
                 d = np.abs(t[c] - ref[c]) / ref[c + "_err"]
-            worst = max(worst, float(np.nanmax(d)))
+            if np.isfinite(d).any():
+                worst = max(worst, float(np.max(d[np.isfinite(d)])))
         return worst
 
     for n_workers in args.workers:

@@ -58,24 +58,30 @@ def survey(tmp_path_factory):
 
 def assert_same_table(res: Table, ref: Table) -> None:
     """Same ids in the same order, same statuses, flags and messages; values equal to the rounding
-    of the batched linear algebra (another number of torch threads), far below their errors."""
+    of another process (threads, memory layout), which the fit's convergence test can leave as
+    differences far below the errors: fitted values within 1e-6 of their errors, other numbers
+    within 1e-6 relative (in practice most are bit-identical)."""
     assert list(res["id"]) == list(ref["id"])
     assert res.colnames == ref.colnames
     for c in ref.colnames:
-        if ref[c].dtype.kind == "f":
-            np.testing.assert_allclose(res[c], ref[c], rtol=1e-9, atol=0, equal_nan=True, err_msg=c)
-        else:
+        if ref[c].dtype.kind != "f":
             assert list(res[c]) == list(ref[c]), c
+        elif c + "_err" in ref.colnames and not c.endswith("_err"):
+            tol = 1e-6 * np.where(np.isfinite(ref[c + "_err"]), ref[c + "_err"], 0.0) + 1e-12 * np.abs(ref[c])
+            assert np.all((np.abs(res[c] - ref[c]) <= tol) | (np.isnan(res[c]) & np.isnan(ref[c]))), c
+        else:
+            np.testing.assert_allclose(res[c], ref[c], rtol=1e-6, atol=0, equal_nan=True, err_msg=c)
 
 
 def part_ids(out: Path) -> list:
     return [i for p in sorted((out / "parts").glob("part-*.fits")) for i in read_table(p)["id"]]
 
 
-def test_two_worker_cluster_gives_the_in_process_table(survey, cluster, tmp_path):
+def test_two_worker_cluster_gives_the_in_process_table(survey, cluster, tmp_path, monkeypatch):
     folder, ref_out = survey
     out = tmp_path / "out"
-    assert main(fit_args(folder, out, "--save-images", "--cluster", cluster.scheduler_address)) == 0
+    monkeypatch.chdir(tmp_path)  # --out relative to a folder that is not the workers' working directory
+    assert main(fit_args(folder, Path("out"), "--save-images", "--cluster", cluster.scheduler_address)) == 0
     ref, res = read_table(ref_out / "results.fits"), read_table(out / "results.fits")
     assert_same_table(res, ref)
     assert list(res["status"]).count("converged") == N_GOOD and res["status"][-1] == "bad_input"
@@ -91,8 +97,8 @@ def test_two_worker_cluster_gives_the_in_process_table(survey, cluster, tmp_path
 
     for gid in ("g00", "g11"):
         with fits.open(out / "images" / f"{gid}.fits") as a, fits.open(ref_out / "images" / f"{gid}.fits") as b:
-            np.testing.assert_allclose(a["MODEL"].data, b["MODEL"].data, rtol=1e-6)
-            assert a[0].header["CHI2"] == pytest.approx(b[0].header["CHI2"], rel=1e-9)
+            np.testing.assert_allclose(a["MODEL"].data, b["MODEL"].data, rtol=1e-6, atol=1e-9 * b["MODEL"].data.max())
+            assert a[0].header["CHI2"] == pytest.approx(b[0].header["CHI2"], rel=1e-6)
     assert not (out / "images" / "gone.fits").exists()
 
 

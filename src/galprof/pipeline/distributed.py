@@ -32,6 +32,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..errors import GalprofError
 
@@ -134,6 +135,7 @@ class _Recipe:
     assign_gpus: bool  # a local cluster started by galprof: worker i takes GPU i mod (GPUs) if it sees several
 
 
+_FILE_OPTIONS = ("image", "sigma", "weight", "psf", "mask")  # InputOptions that name files
 _TEMPLATES: dict = {}  # on a worker: run token -> empty result table (for rows that cannot be fitted)
 _CACHE_LOCK = threading.Lock()
 
@@ -284,6 +286,9 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
     distributed = _import_distributed()
     import cloudpickle
 
+    if not todo:
+        return 0, {"cluster": {"address": copts.address or "local", "partitions": 0}}
+
     t_start = time.perf_counter()
     token = uuid.uuid4().hex[:12]
     fitted_now = 0
@@ -291,7 +296,11 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
     devices: set = set()
     task_s = read_s = write_s = 0.0
     with _client(copts) as (client, local):
-        recipe = _Recipe(token=token, model=run.model, options=run.opts, model_source=run.model_source,
+        # paths as absolute ones: a worker's working directory may be another one
+        options = replace(run.opts, out=Path(run.opts.out).resolve())
+        inputs = run.catalog.options
+        inputs = replace(inputs, **{k: os.path.abspath(v) for k in _FILE_OPTIONS if (v := getattr(inputs, k, None))})
+        recipe = _Recipe(token=token, model=run.model, options=options, model_source=run.model_source,
                          hooks=run.hooks, assign_gpus=local)
         recipe_future = client.submit(_load_recipe, cloudpickle.dumps(recipe), key=f"galprof-recipe-{token}",
                                       pure=False, retries=copts.retries)
@@ -310,7 +319,9 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
             if nxt is None:
                 return False
             number, rows = nxt
-            future = client.submit(fit_partition, recipe_future, number, rows, run.catalog.subset(rows),
+            part = run.catalog.subset(rows)
+            part.options = inputs
+            future = client.submit(fit_partition, recipe_future, number, rows, part,
                                    key=f"galprof-fit-{token}-{number}", retries=copts.retries, pure=False)
             rows_of[future.key] = (number, rows)
             pending.add(future)
