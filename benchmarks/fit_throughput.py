@@ -45,14 +45,9 @@ def simulate(n: int, seed: int = 3):
     return truths, images, sigmas, psf, rng
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--dtype", default="float64")
-    ap.add_argument("--jacobian", default="finite-difference", choices=["autodiff", "finite-difference"])
-    ap.add_argument("--optimizer", default="lm", choices=["lm", "adam", "diffgrad"])
-    args = ap.parse_args(argv)
-    truths, images, sigmas, psf, rng = simulate(args.n)
+def perturbed_starts(truths, rng) -> dict[str, list[float]]:
+    """Starts perturbed from the truths (galprof conventions, zeropoint 0): re x/ 1.5, n = 2,
+    q = 0.7, PA +- 20 deg, mag +- 0.5, centre +- 1.5 px. ``rng`` continues the one of :func:`simulate`."""
     start = {k: [] for k in ("x0", "y0", "mag", "re", "n", "q", "pa")}
     for t in truths:
         start["x0"].append(t["x0"] + rng.uniform(-1.5, 1.5))
@@ -62,6 +57,18 @@ def main(argv=None) -> int:
         start["n"].append(2.0)
         start["q"].append(0.7)
         start["pa"].append(t["pa"] + rng.uniform(-20, 20))
+    return start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--dtype", default="float64")
+    ap.add_argument("--jacobian", default="finite-difference", choices=["autodiff", "finite-difference"])
+    ap.add_argument("--optimizer", default="lm", choices=["lm", "adam", "diffgrad"])
+    args = ap.parse_args(argv)
+    truths, images, sigmas, psf, rng = simulate(args.n)
+    start = perturbed_starts(truths, rng)
     model = galprof.load_model({"zeropoint": 0.0, "components": {"g": {
         "profile": "sersic", "x0": 64.5, "y0": 64.5, "mag": -7.0, "re": 4.0, "n": 2.0, "q": 0.7, "pa": 0.0}}})
     t0 = time.perf_counter()
