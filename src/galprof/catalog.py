@@ -25,6 +25,7 @@ Columns (see docs/pipeline.md for the full description):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -38,6 +39,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
+from .detect import DetectOptions
 from .errors import DataError, GalprofError, PSFError
 from .fitting.result import column
 from .flags import Flag
@@ -59,6 +61,7 @@ NUMBER_COLUMNS = ("mask_label", "zeropoint", "pixel_scale", "gain", "read_noise"
 #: header keywords read (GALFIT's) when neither the catalogue nor an option gives the value
 HEADER_KEYWORDS = {"gain": ("GAIN",), "read_noise": ("RDNOISE", "READNOIS"), "ncombine": ("NCOMBINE",)}
 _MISSING = {"", "--", "nan", "none", "null"}
+log = logging.getLogger("galprof")
 
 
 def _suffix(path: Path) -> str:
@@ -112,8 +115,15 @@ class InputOptions:
     cutout_factor: float = 8.0
     cutout_min: int = 33
     cutout_max: int = 255
+    auto_starts: bool | None = None
+    auto_mask: bool | None = None
+    detect: DetectOptions = field(default_factory=DetectOptions)
 
     def validate(self) -> None:
+        self.detect.validate()
+        if self.detect.neighbours:
+            raise DataError("fitting neighbours as components needs a model per galaxy: use galprof fit IMAGE.fits "
+                            "(one image) or galprof.detect.auto_inputs, not a catalogue run")
         if self.mask_mode not in MASK_MODES:
             raise DataError(f"mask mode {self.mask_mode!r} is not one of {MASK_MODES}")
         if sum(x is not None for x in (self.sigma, self.weight)) > 1:
@@ -331,6 +341,9 @@ class Catalog:
         self._caches()
 
     def _caches(self) -> None:
+        self.auto_starts, self.auto_mask = _resolve_auto(self.options)
+        self._detect = DetectOptions(**{**self.options.detect.__dict__, "mask_mode": self.options.mask_mode})
+        self._psf_stats: dict = {}
         self._psfs = _LRU(64)
         self._big = _LRU(8)
         self._wcs_lock = threading.Lock()
@@ -409,6 +422,7 @@ class Catalog:
         if scale is not None and not scale > 0:
             raise _Bad(Flag.BAD_VALUE, f"pixel_scale = {scale:g} must be > 0")
         starts = self._starts(i, s.zeropoint)
+        given = set(starts)
         spec = self._file("image", i)
         if spec is None:
             raise _Bad(Flag.BAD_FILE, "no image (empty image column and no --image)")
@@ -417,6 +431,7 @@ class Catalog:
             image, header = _read(spec, "image")
             window = None
             xy = self._position(i, header)
+            target_xy = xy
             if xy is not None:
                 starts.update(self._centre_starts(xy, i))
         else:
@@ -437,6 +452,7 @@ class Catalog:
             x1, y1 = window[0] + 1, window[1] + 1  # FITS pixel of the cutout's first pixel
             s.offset = (float(window[0]), float(window[1]))
             s.section = f"[{x1}:{x1 + size - 1},{y1}:{y1 + size - 1}]"
+            target_xy = (xy[0] - s.offset[0], xy[1] - s.offset[1])
             starts.update(self._centre_starts(xy, i))
             for k in starts:  # positions: image frame -> stamp frame
                 if self.kinds[k] in ("x", "y"):
@@ -461,14 +477,14 @@ class Catalog:
             mask |= w == 0  # zero weight: no data there (not a problem to flag)
         else:
             gain = self._detector("gain", i, header)
-            if gain is None:
+            if gain is None and not (self.auto_starts or self.auto_mask):
                 raise _Bad(Flag.BAD_VALUE, "no sigma map, and no gain to make one: give a sigma or weight map, "
                                            "or the gain (column, --gain or GAIN in the image header)")
-            try:
-                s.sigma = sigma_from_gain(image, gain=gain, read_noise=self._detector("read_noise", i, header) or 0.0,
-                                          sky=self._number("sky", i, o.sky) or 0.0,
-                                          ncombine=self._detector("ncombine", i, header) or 1.0,
-                                          exptime=self._number("exptime", i, o.exptime) or 1.0)
+            try:  # without a gain: the background RMS, from the automatic inputs below
+                s.sigma = None if gain is None else sigma_from_gain(
+                    image, gain=gain, read_noise=self._detector("read_noise", i, header) or 0.0,
+                    sky=self._number("sky", i, o.sky) or 0.0, ncombine=self._detector("ncombine", i, header) or 1.0,
+                    exptime=self._number("exptime", i, o.exptime) or 1.0)
             except GalprofError as exc:
                 raise _Bad(Flag.BAD_VALUE, f"cannot make the sigma map: {exc}") from None
         # mask
@@ -477,8 +493,10 @@ class Catalog:
         mode = self._text("mask_mode", i) or o.mask_mode
         if mode not in MASK_MODES:
             raise _Bad(Flag.BAD_VALUE, f"mask_mode {mode!r} is not one of {MASK_MODES}")
+        segmap = None
         if mask_spec is not None:
             m = self._read_map(mask_spec, "mask", image.shape, window, fill=0.0)
+            segmap = m if label is not None else None
             if label is None:
                 if self._text("mask_mode", i) is not None and mode == "exclusive":
                     raise _Bad(Flag.BAD_VALUE, "mask_mode exclusive needs the target's mask_label")
@@ -499,7 +517,43 @@ class Catalog:
             if isinstance(psf, _Bad):
                 raise psf
             s.psf = psf
+        if self.auto_starts or (self.auto_mask and mask_spec is None) or s.sigma is None:
+            self._auto(s, starts, given, target_xy, segmap, label, psf_spec if self.use_psf else None,
+                       use_mask=self.auto_mask and mask_spec is None)
         s.starts = starts
+
+    def _auto(self, s: Stamp, starts: dict, given: set, xy, segmap, label, psf_spec, use_mask: bool) -> None:
+        """Automatic mask, starts and sigma of one stamp (galprof.detect); a failure to detect
+        is flagged (NO_DETECTION) and the model's or catalogue's starts are kept."""
+        from .detect import auto_inputs, psf_radii
+
+        stats = None
+        if s.psf is not None:
+            stats = self._psf_stats.get(psf_spec)
+            if stats is None:
+                stats = self._psf_stats[psf_spec] = psf_radii(s.psf)
+        try:
+            r = auto_inputs(s.image, model=self.model, sigma=s.sigma, mask=s.mask, psf=s.psf, position=xy,
+                            given=given | self.tied, options=self._detect, segmap=segmap,
+                            segmap_label=None if label is None else int(label), psf_stats=stats)
+        except Exception as exc:  # any failure costs this galaxy its automatic inputs, not the run
+            if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+                raise
+            if s.sigma is None:
+                raise _Bad(Flag.BAD_VALUE, f"no sigma map, no gain, and no automatic noise estimate: {exc}") from None
+            s.note(Flag.NO_DETECTION, f"automatic inputs failed: {exc}")
+            return
+        if r.sigma is not None:
+            s.sigma = r.sigma
+        for note in r.notes:
+            s.message = "; ".join(m for m in (s.message, note) if m)
+        if r.target is None:
+            s.note(Flag.NO_DETECTION, "")
+            return
+        if use_mask:
+            s.mask = s.mask | r.mask
+        if self.auto_starts:
+            starts.update(r.starts)
 
     def _read_map(self, spec: str, what: str, shape, window, fill=1.0) -> np.ndarray:
         """A sigma, weight or mask map: the whole file (stamps) or the cutout's window of it."""
@@ -586,6 +640,25 @@ class Catalog:
         size = 2 * math.ceil(o.cutout_factor * r) + 1
         lo, hi = o.cutout_min | 1, o.cutout_max if o.cutout_max % 2 else o.cutout_max - 1
         return int(min(max(size, lo), hi))
+
+
+def _resolve_auto(o: InputOptions) -> tuple[bool, bool]:
+    """``(auto_starts, auto_mask)``: None means on when sep is installed."""
+    try:
+        import sep  # noqa: F401
+
+        have_sep = True
+    except ImportError:
+        have_sep = False
+    if not have_sep:
+        if o.auto_starts or o.auto_mask:
+            raise DataError("automatic starts and masks need the sep package: pip install 'galprof[auto]' "
+                            "(or turn them off: --no-auto-starts --no-auto-mask)")
+        if o.auto_starts is None or o.auto_mask is None:
+            log.warning("sep is not installed: automatic starts, masks and sigma maps are off "
+                        "(pip install 'galprof[auto]')")
+        return False, False
+    return o.auto_starts is not False, o.auto_mask is not False
 
 
 def _read(spec: str, what: str):

@@ -51,13 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a model to the galaxies of a catalogue (streaming, resumable)",
                        description="Fit MODEL to every galaxy of a catalogue; write result tables (and image "
                                    "blocks) to --out DIR. Re-running the same command resumes. See docs/pipeline.md.")
-    f.add_argument("model", help="YAML model file (its values are the starting values)")
-    f.add_argument("--catalog", required=True,
+    f.add_argument("model", help="YAML model file (its values are the fallback starting values), or a FITS image: "
+                   "galprof fit IMAGE.fits [--psf PSF.fits] fits a single Sersic + sky to the source at the image "
+                   "centre with automatic mask and starts (docs/automation.md)")
+    f.add_argument("--catalog",
                    help="CSV, ECSV, FITS or Parquet table: id, image, and optional sigma or weight, psf, mask, "
                         "mask_label, mask_mode, zeropoint, pixel_scale, gain, read_noise, sky, exptime, ncombine, "
                         "x, y or ra, dec, cutout_size and <component>_<param> columns (paths relative to the "
                         "catalogue's folder; file.fits[N] selects an HDU)")
-    f.add_argument("--out", required=True, help="output folder (results.*, parts/, images/, galprof.log)")
+    f.add_argument("--out", help="output folder (results.*, parts/, images/, galprof.log); required with a catalogue, "
+                                 "default galprof_<name> for an image")
     f.add_argument("--format", action="append", metavar="FMT",
                    help="result table format(s): fits, csv, parquet, h5 (comma-separated or repeated; "
                         "default fits,csv)")
@@ -93,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto cutouts: 2 ceil(factor r) + 1 pixels, r the largest starting radius (default 8)")
     g.add_argument("--cutout-min", type=int, default=33, help="auto cutouts: smallest size (default 33)")
     g.add_argument("--cutout-max", type=int, default=255, help="auto cutouts: largest size (default 255)")
+    from .detect_cli import add_fit_options
+
+    add_fit_options(f)
     h = f.add_argument_group("fitting")
     h.add_argument("--device", default="cpu")
     h.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
@@ -125,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     from .morphology.cli import add_parser as add_morph_parser
 
     add_morph_parser(sub)
+    from .detect_cli import add_parser as add_detect_parser
+
+    add_detect_parser(sub)
     return p
 
 
@@ -171,25 +180,43 @@ def _cutout_size(text: str):
 
 def _fit(args) -> int:
     from .catalog import Catalog, InputOptions
-    from .pipeline import FitOptions, Interrupted, PipelineOptions, run_pipeline
+    from .detect_cli import detect_options, is_image, run_image_fit
 
     if args.resume and args.overwrite:
         raise GalprofError("--resume and --overwrite contradict each other; give one")
+
+    if is_image(args.model):
+        return run_image_fit(args)
+    if args.catalog is None or args.out is None:
+        raise GalprofError("galprof fit MODEL.yaml needs --catalog and --out (or give a FITS image to fit it alone)")
+    for name in ("x", "y"):
+        if getattr(args, name) is not None:
+            raise GalprofError(f"--{name} is for galprof fit IMAGE.fits; a catalogue gives positions in x, y columns")
     model = load_model(args.model)
-    formats = [f.strip() for item in (args.format or ["fits,csv"]) for f in item.split(",") if f.strip()]
     cutout = args.cutout if args.cutout is not None else ("auto" if args.image else None)
     inputs = InputOptions(image=args.image, sigma=args.sigma, weight=args.weight, psf=args.psf, mask=args.mask,
                           mask_mode=args.mask_mode, zeropoint=args.zeropoint, pixel_scale=args.pixel_scale,
                           gain=args.gain, read_noise=args.read_noise, sky=args.sky, exptime=args.exptime,
                           ncombine=args.ncombine, cutout=cutout, cutout_factor=args.cutout_factor,
-                          cutout_min=args.cutout_min, cutout_max=args.cutout_max)
+                          cutout_min=args.cutout_min, cutout_max=args.cutout_max, auto_starts=args.auto_starts,
+                          auto_mask=args.auto_mask,
+                          detect=detect_options(args, mask_mode=args.mask_mode, neighbours=args.fit_neighbours))
     catalog = Catalog(args.catalog, model, inputs)
+    return run_fit(args, model, catalog, str(args.model), args.out)
+
+
+def run_fit(args, model, catalog, model_source: str, out) -> int:
+    """The fit part of ``galprof fit``: options from ``args``, then the pipeline (also used by
+    ``galprof fit IMAGE.fits``)."""
+    from .pipeline import FitOptions, Interrupted, PipelineOptions, run_pipeline
+
+    formats = [f.strip() for item in (args.format or ["fits,csv"]) for f in item.split(",") if f.strip()]
     fit_options = FitOptions(dtype=args.dtype, device=args.device, psf_kind=args.psf_kind,
                              psf_oversampling=args.psf_oversampling, jacobian=args.jacobian,
                              optimizer=args.optimizer, max_iter=args.max_iter, uncertainty=args.uncertainty,
                              n_bootstrap=args.bootstrap_samples, seed=args.seed, statistic=args.statistic,
                              restarts=args.restarts)
-    options = PipelineOptions(out=args.out, formats=formats, save_images=args.save_images,
+    options = PipelineOptions(out=out, formats=formats, save_images=args.save_images,
                               batch_size=args.batch_size, read_threads=args.read_threads, overwrite=args.overwrite,
                               retry_bad=args.retry_bad, progress=args.progress, fit=fit_options)
     # extra per-galaxy columns plug in here: run_pipeline(..., hooks=[...])
@@ -205,7 +232,7 @@ def _fit(args) -> int:
         cluster = ClusterOptions(address=args.cluster, n_workers=args.workers, retries=args.retries)
         cluster.validate()
     try:
-        run_pipeline(model, catalog, options, model_source=str(args.model), hooks=hooks, cluster=cluster)
+        run_pipeline(model, catalog, options, model_source=model_source, hooks=hooks, cluster=cluster)
     except Interrupted as exc:
         print(f"galprof: {exc}", file=sys.stderr)
         return 130
@@ -229,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_morph(args)
         if args.command == "render":
             return _render(args)
+        if args.command == "detect":
+            from .detect_cli import run as run_detect
+
+            return run_detect(args)
         if args.command == "fit":
             return _fit(args)
     except GalprofError as exc:

@@ -22,6 +22,7 @@ class Flag(IntFlag):
     BAD_VALUE = 512       #: a catalogue value is missing or invalid (e.g. no sigma and no gain): not fitted
     EDGE = 1024           #: the cutout runs off its image; the pixels outside it are masked
     FIT_ERROR = 2048      #: fitting this galaxy raised an error (see the message): not fitted
+    NO_DETECTION = 4096   #: automatic inputs: no source detected at the target's position (model starts used)
 
 
 class Status(IntEnum):
