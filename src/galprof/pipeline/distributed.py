@@ -102,19 +102,21 @@ def _import_distributed():
 
 #: Dask's nanny starts workers with this variable (65536), which fixes glibc's mmap threshold at
 #: 128 kB: every large temporary tensor is then mapped and unmapped afresh, and fitting on CPU runs
-#: about 3x slower (docs/benchmarks.md). galprof's local clusters leave it out.
+#: 2-3x slower (docs/benchmarks.md). galprof's local clusters leave it out.
 SLOW_MALLOC = "MALLOC_TRIM_THRESHOLD_"
 
 
 def local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs):
     """A :class:`distributed.LocalCluster` of ``n_workers`` worker processes on the loopback
     interface, as ``--workers N`` starts it: workers without Dask's ``MALLOC_TRIM_THRESHOLD_``
-    (see :data:`SLOW_MALLOC`), one torch thread per worker thread (Dask's ``OMP_NUM_THREADS=1``)."""
+    (see :data:`SLOW_MALLOC`) and without Dask's sampling profiler (which took 10-20% of a
+    worker's time here), one torch thread per worker thread (Dask's ``OMP_NUM_THREADS=1``)."""
     import dask
 
     distributed = _import_distributed()
     options = {"processes": True, "host": "127.0.0.1", "dashboard_address": ":0", **kwargs}
-    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{SLOW_MALLOC}": None}):
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{SLOW_MALLOC}": None,
+                          "distributed.worker.profile.enabled": False}):
         return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **options)
 
 
@@ -144,7 +146,7 @@ def _worker_warnings(device: str) -> list[str]:
     """Settings of this worker process that make fitting slow (reported once per run by the client)."""
     if device == "cpu" and SLOW_MALLOC in os.environ and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         return [f"workers run with {SLOW_MALLOC}={os.environ[SLOW_MALLOC]} (Dask's default), which makes fitting on "
-                "CPU about 3x slower: start them with MALLOC_MMAP_THRESHOLD_=33554432 in their environment, or "
+                "CPU 2-3x slower: start them with MALLOC_MMAP_THRESHOLD_=33554432 in their environment, or "
                 f"set the Dask configuration distributed.nanny.pre-spawn-environ.{SLOW_MALLOC} to null"]
     return []
 
