@@ -557,6 +557,8 @@ def _measure(image, detection, label, *, psf, psf_stats) -> Measurement:
     sub = np.where(detection.bad, 0.0, data - sky)
     others = ((seg != 0) & (seg != label)) | detection.bad
     x0, y0 = float(obj["x"]), float(obj["y"])
+    if not (math.isfinite(x0) and math.isfinite(y0)):
+        raise DataError(f"source {label} has no centroid (no positive flux in its segment)")
     filled = _c(_symmetric_fill(sub, others, x0, y0))
     ps = dict(psf_stats) if psf_stats is not None else psf_radii(psf)
     a, b, theta = float(obj["a"]), float(obj["b"]), float(obj["theta"])
@@ -850,8 +852,11 @@ def auto_inputs(image: np.ndarray, *, model: Model, sigma: np.ndarray | None = N
     others = [k for k in range(1, len(det.objects) + 1) if k != det.target]
     lights = {}
     if det.target:
-        target = measure(image, det, psf_stats=ps)
-        notes += target.notes
+        try:
+            target = measure(image, det, psf_stats=ps)
+            notes += target.notes
+        except DataError as exc:
+            notes.append(f"the target cannot be measured ({exc}): starting values from the model")
     else:
         x, y = det.position
         notes.append(f"no source detected at ({x:.1f}, {y:.1f}): starting values from the model")
