@@ -229,6 +229,19 @@ def peer_versions() -> dict:
     return out
 
 
+def git_state() -> str:
+    """The commit of galprof's source tree, and whether src/galprof differs from it."""
+    root = HERE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/galprof"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}" + (" with uncommitted changes in src/galprof" if dirty else "")
+
+
 def chi2_with_galprof(model, data, values: dict, index: np.ndarray) -> np.ndarray:
     """chi2 of galprof's float64 rendering at ``values`` for galaxies ``index`` (NaN where a value
     is non-finite or outside the profile's validity domain)."""
@@ -310,7 +323,8 @@ def main(argv=None) -> int:
     print(f"# fit_vs_peers: {n} GalSim single-Sérsic galaxies, 128x128 px, star-like Moffat PSF, S/N ~ 100 "
           f"(simulated in {t_sim:.0f} s); machine {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the start")
-    print("# versions: " + ", ".join(f"{k} {v}" for k, v in peer_versions().items()))
+    print("# versions: " + ", ".join(f"{k} {v}" for k, v in peer_versions().items())
+          + f"; galprof source {git_state()}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="fit_vs_peers_") as tmp:
         path = Path(tmp) / "data.npz"
