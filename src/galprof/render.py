@@ -506,6 +506,12 @@ class Renderer:
                      eyc=phases(fy_ext, centres), exc=phases(fx_ext, centres),
                      response=torch.sinc(fy_ext)[:, None] * torch.sinc(fx_ext)[None, :],
                      iy_m=iy_m, ix_m=ix_m, by=by[iy_m], bx=bx[ix_m])
+        # the exact panels' second-order expansion as one matrix product: frequency powers
+        # fy^k times the panel phases on the left, fx^l times them on the right (k, l = 0..2)
+        eyc, exc = cache["eyc"], cache["exc"]
+        left = torch.cat([cache["ey"]] + [eyc * fy_ext[:, None] ** k for k in range(3)], dim=1)
+        right = torch.cat([exc * fx_ext[:, None] ** k for k in range(3)], dim=1)
+        cache.update(left=left, right_t=right.T.contiguous(), sinc_y=torch.sinc(fy_ext), sinc_x=torch.sinc(fx_ext))
         self._core_cache = cache
         return cache
 
@@ -525,16 +531,12 @@ class Renderer:
         c = self._core_nodes()
         nodes = c["nodes"]
         p = {k: v.view(B, 1, 1) for k, v in shape.items()}
-        sb, cb, qb = sin.view(B, 1, 1), cos.view(B, 1, 1), q.view(B, 1, 1)
+        qb = q.view(B, 1, 1)
         tiny = torch.finfo(self.dtype).tiny
         dx, dy = nodes[None, None, :], nodes[None, :, None]
-        u = -sb * dx + cb * dy
-        v = (-cb * dx - sb * dy) / qb
-        f = prof.radial(self._radius(u, v, c0, tiny), p) * c["wmat"] / qb      # (B, N, N)
-        cplx = self._psf_hat.dtype
+        f = self._radial_at(prof, p, geom, dx, dy, tiny) * (c["wmat"] / qb)  # (B, N, N)
         ex = c["ex"]
-        half = torch.complex(f @ ex.real.T, f @ ex.imag.T)                     # f is real
-        spec = c["ey"] @ half                                                   # (B, Ny+, Nx'+)
+        half = torch.complex(f @ ex.real.T, f @ ex.imag.T)                     # f is real: (B, N, Nx'+)
 
         edges, centres = c["edges"], c["centres"]
         C, m1x, m1y, mxx, mxy, myy = self._cells_exact(
@@ -552,19 +554,22 @@ class Renderer:
             w0 * m1y_c + wx * mxy_c + wy * myy_c,
         )
         mxx_c, mxy_c, myy_c = w0 * mxx_c, w0 * mxy_c, w0 * myy_c
-        fy, fx = c["fy"][:, None], c["fx"][None, :]
-        eyc, exc = c["eyc"], c["exc"]
-
-        def tr(m):
-            return eyc @ m.to(cplx) @ exc.T
-
+        # each exact panel contributes exp(-2 pi i f.o) (C - 2 pi i f.m1 - 2 pi^2 f.M2.f): a block
+        # matrix M[(k, a), (l, b)] holding the coefficient of fy^k fx^l for panels (a, b)
         two_pi = 2.0 * math.pi
-        spec = spec + (tr(C) - 1j * two_pi * (fx * tr(m1x_c) + fy * tr(m1y_c))
-                       - 0.5 * two_pi ** 2 * (fx * fx * tr(mxx_c) + 2 * fx * fy * tr(mxy_c)
-                                              + fy * fy * tr(myy_c)))
-        phase_y = torch.exp(-2j * math.pi * c["fy"][None, :] * Y[:, None])
-        phase_x = torch.exp(-2j * math.pi * c["fx"][None, :] * X[:, None])
-        spec = spec * phase_y[:, :, None] * phase_x[:, None, :] * c["response"]
+        zero = torch.zeros_like(C)
+        blocks = [[C, -two_pi * m1x_c, -0.5 * two_pi ** 2 * mxx_c],
+                  [-two_pi * m1y_c, -two_pi ** 2 * mxy_c, zero],
+                  [-0.5 * two_pi ** 2 * myy_c, zero, zero]]
+        real = [[C, zero, blocks[0][2]], [zero, blocks[1][1], zero], [blocks[2][0], zero, zero]]
+        imag = [[zero, blocks[0][1], zero], [blocks[1][0], zero, zero], [zero, zero, zero]]
+        M = torch.complex(torch.cat([torch.cat(row, dim=2) for row in real], dim=1),
+                          torch.cat([torch.cat(row, dim=2) for row in imag], dim=1))     # (B, 3K, 3K)
+        rows = torch.cat([half, M @ c["right_t"]], dim=1)                       # (B, N + 3K, Nx'+)
+        # the centre's phase and the cell response, both separable
+        phase_x = torch.exp(-2j * math.pi * c["fx"][None, :] * X[:, None]) * c["sinc_x"]
+        phase_y = torch.exp(-2j * math.pi * c["fy"][None, :] * Y[:, None]) * c["sinc_y"]
+        spec = (c["left"] @ (rows * phase_x[:, None, :])) * phase_y[:, :, None]
         # fold the mirror frequencies onto the FFT grid
         ny, nxh = self._fy.shape[0], self._fx.shape[0]
         base = spec[:, :ny, :nxh]
@@ -587,6 +592,25 @@ class Renderer:
         return index.reshape(index.shape[0], -1), ok.reshape(ok.shape[0], -1), ix.to(self.dtype), iy.to(self.dtype)
 
     @staticmethod
+    def _radial_at(prof, p, geom, dx, dy, tiny):
+        """``f`` at offsets ``dx`` (B, 1, nx) x ``dy`` (B, ny, 1) from the centre, (B, ny, nx).
+        Elliptical isophotes go through ``r^2`` as a quadratic form in (dx, dy), so that only a
+        few operations run over the full grid; boxy ones through the generalised radius."""
+        X, Y, q, sin, cos, c0 = geom
+        B = X.shape[0]
+        sb, cb, qb = sin.view(B, 1, 1), cos.view(B, 1, 1), q.view(B, 1, 1)
+        if c0 is not None:
+            u = -sb * dx + cb * dy
+            v = (-cb * dx - sb * dy) / qb
+            return prof.radial(Renderer._radius(u, v, c0, tiny), p)
+        # u^2 + v^2 with u = -s dx + c dy, v = -(c dx + s dy) / q (not as a quadratic form in
+        # dx, dy, whose terms cancel for flat galaxies)
+        u = (-sb * dx) + (cb * dy)
+        v = (-cb / qb * dx) + (-sb / qb * dy)
+        r2 = torch.addcmul(torch.addcmul(torch.full((), tiny, dtype=u.dtype, device=u.device), u, u), v, v)
+        return prof.radial_squared(r2, p)
+
+    @staticmethod
     def _radius(u, w, c0, tiny):
         if c0 is None:
             return torch.sqrt(u * u + w * w + tiny)
@@ -601,18 +625,17 @@ class Renderer:
         B = X.shape[0]
         t, w = gauss_legendre(order, dtype=self.dtype, device=self.device)
         p = {k: v.view(B, 1, 1) for k, v in shape.items()}
-        qb, sb, cb = q.view(B, 1, 1), sin.view(B, 1, 1), cos.view(B, 1, 1)
         tiny = torch.finfo(self.dtype).tiny
         acc = None
         for ta, wa in zip(t, w):
             dx = (xs - X[:, None] + (ta - 0.5))[:, None, :]
+            tx = None if core is None else core.view(B, 1, 1) * self._taper(dx)
             for tb, wb in zip(t, w):
                 dy = (ys - Y[:, None] + (tb - 0.5))[:, :, None]
-                u = -sb * dx + cb * dy
-                v = (-cb * dx - sb * dy) / qb
-                term = (wa * wb) * prof.radial(self._radius(u, v, c0, tiny), p)
-                if core is not None:
-                    term = term * (1.0 - core.view(B, 1, 1) * self._taper(dx) * self._taper(dy))
+                f = self._radial_at(prof, p, geom, dx, dy, tiny)
+                # weight wa wb, times 1 - core w(dx) w(dy) (w separable: the product is an outer one)
+                weight = wa * wb if tx is None else (wa * wb) - ((wa * wb) * tx) * self._taper(dy)
+                term = f * weight
                 acc = term if acc is None else acc + term
         return acc
 

@@ -61,7 +61,9 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
     chi2 = torch.full((B,), float("inf"), dtype=dt, device=dev)
     A = torch.zeros(B, P, P, dtype=dt, device=dev)
     g = torch.zeros(B, P, dtype=dt, device=dev)
+    scale = torch.zeros(B, P, dtype=dt, device=dev)  # damping scale: the largest diag(A) so far
     stale = active.clone()            # galaxies whose normal equations must be (re)computed
+    resid = None                      # residuals at z of the galaxies whose step was accepted
     active = active.clone()
     eye = torch.eye(P, dtype=dt, device=dev)
     for _ in range(o.max_iter):
@@ -69,8 +71,9 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         # and which are still running
         todo = torch.nonzero(stale & active).reshape(-1)
         if todo.numel():
-            Ai, gi, c2 = problem.normal_equations(z[todo], todo)
+            Ai, gi, c2 = problem.normal_equations(z[todo], todo, residuals=None if resid is None else resid[todo])
             A[todo], g[todo], chi2[todo] = Ai, gi, c2
+            scale[todo] = torch.maximum(scale[todo], torch.diagonal(Ai, dim1=1, dim2=2))
             bad = ~torch.isfinite(c2) | ~torch.isfinite(Ai).all(dim=(1, 2)) | ~torch.isfinite(gi).all(dim=1)
             status[todo[bad]] = int(Status.NONFINITE)
             active[todo[bad]] = False
@@ -78,15 +81,33 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         if idx.numel() == 0:
             break
         Ai, gi, lami = A[idx], g[idx], lam[idx]
-        diag = torch.diagonal(Ai, dim1=1, dim2=2).clamp(min=torch.finfo(dt).tiny)
+        # Marquardt's damping, scaled as in MINPACK by the largest diag(A) seen so far: a
+        # parameter running towards a bound (where its column of J vanishes) keeps the damping
+        # of its healthy past instead of taking an unbounded step that the trust region below
+        # would have to shrink, together with every other parameter's
+        diag = scale[idx].clamp(min=torch.finfo(dt).tiny)
         M = Ai + lami[:, None, None] * torch.diag_embed(diag)
+        # a parameter at its bound that the gradient pushes further out is held for this step
+        # (as bounded LM codes peg a parameter at its limit); the others are solved without it
+        zi = z[idx]
+        pinned = problem.at_bound(zi) & (gi * zi < 0)
+        keep = (~pinned).to(dt)
+        M = M * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(pinned.to(dt))
+        gi = gi * keep
         L, info = torch.linalg.cholesky_ex(M)
         solvable = info == 0
         L = torch.where(solvable[:, None, None], L, eye.expand_as(L))
         step = torch.cholesky_solve(-gi[..., None], L)[..., 0]
         step = torch.where(solvable[:, None], step, torch.zeros_like(step))
-        # trust region in the scaled max-norm: no parameter moves more than its scale per step
-        ratio = (step.abs() / problem.step_scale).amax(dim=1, keepdim=True)
+        # trust region in the scaled max-norm: no parameter moves more than its scale per step.
+        # A bounded parameter in the tail of its transform (within a few units of saturation)
+        # that steps further out is capped on its own, at doubling its distance from the centre
+        # of the transform: its model derivative is weak there, and scaling the whole step down
+        # for it would stall every other parameter.
+        tail = problem.at_bound(zi, tol=0.1) & (step * zi > 0)
+        cap = torch.where(tail, torch.maximum(problem.step_scale.expand_as(zi), zi.abs()), problem.step_scale)
+        step = torch.where(tail, step.clamp(-cap, cap), step)
+        ratio = (step.abs() / cap).amax(dim=1, keepdim=True)
         step = step / ratio.clamp(min=1.0)
         z_try = z[idx] + step
         r_try = problem.residuals(z_try, idx)
@@ -100,6 +121,9 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         chi2[idx] = torch.where(accept, chi2_try, old)
         lam[idx] = torch.where(accept, (lami / o.lambda_down).clamp(min=1e-12), lami * o.lambda_up)
         stale[idx] = accept
+        if resid is None:
+            resid = torch.zeros(B, r_try.shape[1], dtype=dt, device=dev)
+        resid[idx] = torch.where(accept[:, None], r_try, resid[idx])
         n_iter[idx] += 1
         status[idx[done]] = int(Status.CONVERGED)
         active[idx[done]] = False

@@ -84,6 +84,20 @@ class FitProblem:
             else:
                 scales.append(_UNBOUNDED_STEP.get(spec.kind, 1.0))
         self.step_scale = torch.tensor(scales, dtype=batch.images.dtype, device=batch.images.device)
+        self._bounded = [(j, layout.transform(key)) for j, key in enumerate(layout.free)
+                         if any(b is not None for b in layout.bounds(key))]
+
+    def at_bound(self, z: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """(b, P) bool: free parameters that sit at a bound, where the derivative of their
+        transform has fallen below ``tol`` times its largest value (an interval's sigmoid is
+        saturated; a one-sided bound's softplus is flat). In the optimiser's space such a
+        parameter can only creep towards the bound, never reach it."""
+        out = torch.zeros_like(z, dtype=torch.bool)
+        for j, t in self._bounded:
+            d = t.derivative(z[:, j]).abs()
+            peak = 0.25 * abs(t.hi - t.lo) if hasattr(t, "hi") and hasattr(t, "lo") else 1.0
+            out[:, j] = d < tol * peak
+        return out
 
     def values(self, z: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.subset(index).physical(z)
@@ -118,14 +132,16 @@ class FitProblem:
             r = (model - data) * sw
         return r.reshape(r.shape[0], -1)
 
-    def normal_equations(self, z: torch.Tensor, index: torch.Tensor, *, fisher: bool = False):
+    def normal_equations(self, z: torch.Tensor, index: torch.Tensor, *, fisher: bool = False,
+                         residuals: torch.Tensor | None = None):
         """``J^T J`` (b, P, P), ``J^T r`` (b, P) and ``chi2`` (b,) at ``z``.
 
         J is built one column at a time (forward mode), so memory is that of P residual
         vectors, never of a dense (pixels x pixels) object. ``fisher=True`` (for the
         covariance) makes ``J^T J`` the Fisher information of the statistic: for chi2 it is
         already; for Cash it is ``sum (dm/dtheta)^2 / m`` (Pearson weights at ``z``), and the
-        returned chi2 and gradient are then Pearson's.
+        returned chi2 and gradient are then Pearson's. ``residuals`` (b, N), those at ``z``
+        when the caller has them (the optimiser's accepted trial step), spares one render.
         """
         b, P = z.shape
         resid = self.residuals
@@ -143,7 +159,7 @@ class FitProblem:
             zp = z[None].repeat(P, 1, 1)                                          # (P, b, P)
             eye = torch.eye(P, dtype=z.dtype, device=z.device)
             zp = zp + eye[:, None, :] * h[None]
-            r = resid(z, index)
+            r = resid(z, index) if residuals is None or fisher else residuals
             rp = resid(zp.reshape(P * b, P), index.repeat(P)).reshape(P, b, -1)
             J = ((rp - r[None]) / h.T[:, :, None]).permute(1, 2, 0)               # (b, N, P)
         else:

@@ -129,6 +129,12 @@ class EllipticalProfile(Profile):
         """Unnormalised radial shape ``f(r)``, finite at ``r = 0``."""
         raise NotImplementedError
 
+    def radial_squared(self, r2: torch.Tensor, p: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``f`` at ``r = sqrt(r2)``: the renderer's entry point for elliptical (not boxy)
+        isophotes. Profiles whose formula is simpler in ``r^2`` may override it (it must equal
+        :meth:`radial`); the default takes the square root."""
+        return self.radial(torch.sqrt(r2), p)
+
     def derived(self, p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Quantities computed once per render from the (B,) parameters and passed to
         :meth:`radial` with them (e.g. the Sérsic ``b_n``); none by default."""

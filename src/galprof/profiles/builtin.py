@@ -23,6 +23,10 @@ def _sersic(r, re, n, bn=None):
     return torch.exp(-(sersic_bn(n) if bn is None else bn) * (r / re) ** (1.0 / n))
 
 
+def _sersic_squared(r2, re, n, bn=None):
+    return torch.exp(-(sersic_bn(n) if bn is None else bn) * (r2 / (re * re)) ** (0.5 / n))
+
+
 def _sersic_log_integral(re, n):
     b = sersic_bn(n)
     return _LOG_2PI + 2.0 * torch.log(re) + torch.log(n) + torch.lgamma(2.0 * n) - 2.0 * n * torch.log(b)
@@ -40,6 +44,9 @@ class Sersic(EllipticalProfile):
 
     def radial(self, r, p):
         return _sersic(r, p["re"], p["n"], p.get("bn"))
+
+    def radial_squared(self, r2, p):
+        return _sersic_squared(r2, p["re"], p["n"], p.get("bn"))
 
     def radii(self, p):
         return [p["re"]]
@@ -66,6 +73,9 @@ class DeVaucouleurs(EllipticalProfile):
 
     def radial(self, r, p):
         return _sersic(r, p["re"], self._n(p["re"]), p.get("bn"))
+
+    def radial_squared(self, r2, p):
+        return _sersic_squared(r2, p["re"], self._n(p["re"]), p.get("bn"))
 
     def radii(self, p):
         return [p["re"]]
@@ -107,6 +117,10 @@ class Gaussian(EllipticalProfile):
         sigma = p["fwhm"] * _FWHM_TO_SIGMA
         return torch.exp(-0.5 * (r / sigma) ** 2)
 
+    def radial_squared(self, r2, p):
+        sigma = p["fwhm"] * _FWHM_TO_SIGMA
+        return torch.exp(r2 * (-0.5 / (sigma * sigma)))
+
     def radii(self, p):
         return [p["fwhm"] * 0.5]
 
@@ -133,6 +147,10 @@ class Moffat(EllipticalProfile):
 
     def radial(self, r, p):
         return (1.0 + (r / self._alpha(p)) ** 2) ** (-p["beta"])
+
+    def radial_squared(self, r2, p):
+        alpha = self._alpha(p)
+        return (1.0 + r2 / (alpha * alpha)) ** (-p["beta"])
 
     def radii(self, p):
         return [self._alpha(p)]
