@@ -81,12 +81,13 @@ def main() -> None:
           f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     rows = []
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     s = run_pipeline(model, catalog(), options("inprocess"))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ref = read_table(work / "out_inprocess" / "results.fits")
-    rows.append({"config": "in-process", "wall": wall, "rate": args.n / wall})
-    print(f"in-process: {wall:.1f} s, {args.n / wall:.2f} galaxies/s "
+    rows.append({"config": "in-process", "wall": wall, "rate": args.n / wall, "cpu": cpu / n_parts,
+                 "share": cpu / wall})
+    print(f"in-process: {wall:.1f} s, {args.n / wall:.2f} galaxies/s, {cpu / n_parts:.2f} CPU s per batch "
           f"({s['status']['converged']} converged)", flush=True)
 
     def compare(name):
@@ -122,11 +123,13 @@ def main() -> None:
             worst = compare(name)
             rows.append({"config": f"{n_workers} worker(s), {in_flight} in flight per worker", "wall": wall,
                          "rate": args.n / wall, "task": c["task_s_mean"], "write": c["write_s_mean"],
+                         "cpu": c["task_cpu_s_mean"], "share": c["task_cpu_s_mean"] / c["task_s_mean"],
                          "per_part": wall / c["partitions"], "start": t_start, "import": t_import, "worst": worst})
             print(f"{n_workers} worker(s), in_flight {in_flight}: {wall:.1f} s, {args.n / wall:.2f} galaxies/s; "
                   f"task {c['task_s_mean']:.3f} s (read {c['read_s_mean']:.3f}), part write {c['write_s_mean']:.4f} "
-                  f"s, wall/partition {wall / c['partitions']:.3f} s; cluster start {t_start:.1f} s + worker imports "
-                  f"{t_import:.1f} s; max |diff|/err vs in-process {worst:.1e}; per worker "
+                  f"s, wall/partition {wall / c['partitions']:.3f} s; task CPU {c['task_cpu_s_mean']:.3f} s; "
+                  f"cluster start {t_start:.1f} s + worker imports {t_import:.1f} s; max |diff|/err vs in-process "
+                  f"{worst:.1e}; per worker "
                   f"{json.dumps(c['partitions_per_worker'])}", flush=True)
         if n_workers == 1:
             # Dask's share: a partition's arguments (its catalogue rows and the run's recipe) there and back
@@ -152,12 +155,14 @@ def main() -> None:
     if ser:
         print(f"overhead per partition (1 worker, 1 in flight: wall/partition - task): "
               f"{ser['per_part'] - ser['task']:.3f} s")
-    print("\n| configuration | wall (s) | galaxies / s | task (s) | wall / partition (s) | max diff / err |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| configuration | wall (s) | galaxies / s | task (s) | CPU s / batch | CPU share | wall / partition (s) "
+          "| max diff / err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "wall" in r:
             print(f"| {r['config']} | {r['wall']:.1f} | {r['rate']:.2f} | {r.get('task', float('nan')):.3f} | "
-                  f"{r.get('per_part', float('nan')):.3f} | {r.get('worst', 0.0):.1e} |")
+                  f"{r['cpu']:.2f} | {r['share']:.2f} | {r.get('per_part', float('nan')):.3f} | "
+                  f"{r.get('worst', 0.0):.1e} |")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,12 @@ N_GOOD = 12  # + 1 row whose image is missing: 13 rows, 5 batches of 3
 
 @pytest.fixture(scope="module")
 def cluster():
+    import dask
     from distributed import Client
 
-    with local_cluster(2) as c, Client(c, set_as_default=False) as client:
+    # a batch may kill one worker and be rescheduled, not two (Dask's default is 3)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), local_cluster(2) as c, \
+            Client(c, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=120)
         yield c
 
@@ -218,3 +221,22 @@ def test_worker_device():
     assert worker_device("cpu", assign_gpus=True, worker_name=3) == "cpu"
     assert worker_device("cuda:1", assign_gpus=True, worker_name=0) == "cuda:1"
     assert worker_device("cuda", assign_gpus=False, worker_name=1) == "cuda"  # the worker's visible GPU
+
+
+def test_batch_that_kills_its_workers_stops_the_run(survey, cluster, tmp_path):
+    """A batch whose every attempt kills its worker process (a crash, the memory killer): after
+    Dask's allowed failures the run stops with a message naming the batch; the rest is kept."""
+    folder, _ = survey
+
+    def crash(stamps, table, result):
+        if "g10" in [s.id for s in stamps]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {}
+
+    model = galprof.load_model(folder / "model.yaml")
+    options = PipelineOptions(out=tmp_path / "out", batch_size=3, progress=False,
+                              fit=FitOptions(jacobian="finite-difference"))
+    with pytest.raises(ClusterError, match=r"batch 3 \(catalogue rows 9-11, ids g09..g11\).*workers died each time"):
+        run_pipeline(model, Catalog(folder / "cat.csv", model), options, hooks=[crash],
+                     cluster=ClusterOptions(address=cluster.scheduler_address, in_flight=1))
+    assert not {"g09", "g10", "g11"} & set(part_ids(tmp_path / "out"))

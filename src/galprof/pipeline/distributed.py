@@ -202,7 +202,7 @@ def fit_partition(recipe: _Recipe, number: int, rows: list[int], part) -> tuple:
     ``number``) exactly as a run on one machine does; returns ``(table, log records, info)``."""
     from .run import _Run, describe_device
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     token = recipe.token
     device = worker_device(recipe.options.fit.device, assign_gpus=recipe.assign_gpus, worker_name=_worker_name())
     opts = recipe.options
@@ -234,7 +234,7 @@ def fit_partition(recipe: _Recipe, number: int, rows: list[int], part) -> tuple:
 
         worker = get_worker().address
     info = {"worker": worker, "pid": os.getpid(), "device": describe_device(device), "read_s": t1 - t0,
-            "fit_s": t2 - t1, "warnings": _worker_warnings(device)}
+            "fit_s": t2 - t1, "cpu_s": time.thread_time() - c0, "warnings": _worker_warnings(device)}
     return table, collect.records, info
 
 
@@ -296,7 +296,7 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
     fitted_now = 0
     per_worker: Counter = Counter()
     devices: set = set()
-    task_s = read_s = write_s = 0.0
+    task_s = read_s = write_s = cpu_s = 0.0
     with _client(copts) as (client, local):
         # paths as absolute ones: a worker's working directory may be another one
         options = replace(run.opts, out=Path(run.opts.out).resolve())
@@ -368,6 +368,7 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
                         log.warning("%s", text)
                 devices.add(info["device"])
                 task_s += info["read_s"] + info["fit_s"]
+                cpu_s += info.get("cpu_s", 0.0)
                 read_s += info["read_s"]
                 fill()
         except KeyboardInterrupt:
@@ -387,6 +388,7 @@ def fit_on_cluster(run, todo: list[tuple[int, list[int]]], progress, copts: Clus
     summary = {"address": copts.address or "local", "workers_at_end": n_workers, "startup_s": round(started, 3),
                "partitions": n_parts, "partitions_per_worker": dict(per_worker),
                "task_s_mean": round(task_s / n_parts, 4) if n_parts else None,
+               "task_cpu_s_mean": round(cpu_s / n_parts, 4) if n_parts else None,
                "read_s_mean": round(read_s / n_parts, 4) if n_parts else None,
                "write_s_mean": round(write_s / n_parts, 4) if n_parts else None}
     log.info("cluster: %d partitions on %d workers (%s)", n_parts, len(per_worker),
