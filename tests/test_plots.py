@@ -79,6 +79,26 @@ def test_profile_is_the_annulus_mean():
     assert counts.sum() == pytest.approx(good.sum())
 
 
+def test_profile_zeropoint_and_unknown_plate_scale():
+    """The profile in mag/arcsec^2 uses the image's zero point (given, else the model's): one more
+    magnitude of zero point moves every point down by exactly one magnitude; a NaN plate scale is
+    an unknown one (counts per pixel, no arcsec axis)."""
+    gid, model, values, image, sigma, mask, total, comps = sdss_galaxies()[0]
+
+    def data_points(**kw):
+        fig = plots.galaxy_figure(model, values, image, total, comps, mask=mask, sigma=sigma, **kw)
+        prof = fig.axes[4]
+        return prof, next(c for c in prof.containers if c.get_label() == "data")[0].get_ydata()
+
+    _, mu = data_points(plate_scale=0.396)
+    _, mu1 = data_points(plate_scale=0.396, zeropoint=model.zeropoint + 1.0)
+    ok = np.isfinite(mu)
+    assert ok.sum() > 10 and np.array_equal(ok, np.isfinite(mu1))
+    np.testing.assert_allclose(mu1[ok] - mu[ok], 1.0, rtol=0, atol=1e-12)
+    prof, counts = data_points(plate_scale=float("nan"))
+    assert "counts" in prof.get_ylabel() and not prof.child_axes
+
+
 def results_table(n=40, seed=1, shift=0.0):
     rng = np.random.default_rng(seed)
     t = Table()

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--save-images", action="store_true",
                    help="write an image block per galaxy (images/<id>.fits: data, model, residual, sigma, mask, "
                         "one HDU per component)")
+    f.add_argument("--plots", action="store_true",
+                   help="write a diagnostic PNG per galaxy (plots/<id>.png: data, model, residual, mask, surface-"
+                        "brightness profiles) and the catalogue's plots (plots/catalog/); needs galprof[plots]")
     f.add_argument("--resume", action="store_true",
                    help="resume a previous run in --out (the default whenever its model and options match)")
     f.add_argument("--overwrite", action="store_true", help="delete the previous results in --out first")
@@ -216,7 +219,7 @@ def run_fit(args, model, catalog, model_source: str, out) -> int:
                              optimizer=args.optimizer, max_iter=args.max_iter, uncertainty=args.uncertainty,
                              n_bootstrap=args.bootstrap_samples, seed=args.seed, statistic=args.statistic,
                              restarts=args.restarts)
-    options = PipelineOptions(out=out, formats=formats, save_images=args.save_images,
+    options = PipelineOptions(out=out, formats=formats, save_images=args.save_images, plots=args.plots,
                               batch_size=args.batch_size, read_threads=args.read_threads, overwrite=args.overwrite,
                               retry_bad=args.retry_bad, progress=args.progress, fit=fit_options)
     # extra per-galaxy columns plug in here: run_pipeline(..., hooks=[...])

@@ -23,12 +23,19 @@ import numpy as np
 
 from .errors import GalprofError
 
-__all__ = ["PlotsUnavailable", "galaxy_figure", "surface_brightness_profile", "parameter_distributions",
-           "chi2nu_histogram", "compare_runs", "corner_plot", "bootstrap_corner", "catalog_plots"]
+__all__ = ["PlotsUnavailable", "check_available", "galaxy_figure", "surface_brightness_profile",
+           "parameter_distributions", "chi2nu_histogram", "compare_runs", "corner_plot", "bootstrap_corner",
+           "catalog_plots"]
 
 
 class PlotsUnavailable(GalprofError, ImportError):
     """matplotlib is not installed."""
+
+
+def check_available() -> None:
+    """Raise :class:`PlotsUnavailable` if matplotlib cannot be imported (call it before a long
+    run that will plot, to fail at the start rather than at the end)."""
+    _figure((1, 1))
 
 
 def _figure(figsize):
@@ -104,7 +111,8 @@ def surface_brightness_profile(images: Mapping[str, np.ndarray], radius: np.ndar
 def galaxy_figure(model, values: Mapping[str, float], data: np.ndarray, model_image: np.ndarray,
                   components: Mapping[str, np.ndarray] | None = None, *, mask: np.ndarray | None = None,
                   sigma: np.ndarray | None = None, offset: tuple[int, int] = (0, 0),
-                  plate_scale: tuple[float, float] | float | None = None, title: str | None = None):
+                  plate_scale: tuple[float, float] | float | None = None, zeropoint: float | None = None,
+                  title: str | None = None):
     """Data, model, residual and mask panels (one shared asinh stretch: the residual is shown on
     the data's scale) and the surface-brightness profile of the data, the model and each component.
 
@@ -115,7 +123,8 @@ def galaxy_figure(model, values: Mapping[str, float], data: np.ndarray, model_im
     mask : bad pixels (True / non-zero); sigma : 1-sigma noise (for the profile's error bars)
     offset : (dx, dy) of the region in the image (pixel (1, 1) of the region is (dx + 1, dy + 1))
     plate_scale : arcsec per pixel (a number or (dx, dy)): adds the arcsec axis, and the profile in
-        mag/arcsec^2 (with the model's zero point); counts/pixel otherwise
+        mag/arcsec^2; counts/pixel otherwise (NaN counts as unknown)
+    zeropoint : magnitude zero point of the image's counts (default: the model's)
     """
     from matplotlib.colors import AsinhNorm
 
@@ -145,7 +154,9 @@ def galaxy_figure(model, values: Mapping[str, float], data: np.ndarray, model_im
     axes[3].imshow(bad, origin="lower", cmap="gray_r", vmin=0, vmax=1, extent=extent, interpolation="nearest")
     axes[3].set_title("mask")
     axes[3].set_xlabel("x [px]")
-    _profile_panel(axes[4], model, values, data, model_image, components or {}, good, sigma, offset, plate_scale)
+    zp = float(model.zeropoint) if zeropoint is None else float(zeropoint)
+    _profile_panel(axes[4], model, values, data, model_image, components or {}, good, sigma, offset, plate_scale,
+                   zp)
     if title:
         fig.suptitle(title)
     return fig
@@ -155,11 +166,13 @@ def _scale(plate_scale):
     if plate_scale is None:
         return None
     if np.ndim(plate_scale) == 0:
-        return (float(plate_scale), float(plate_scale))
-    return (float(plate_scale[0]), float(plate_scale[1]))
+        scale = (float(plate_scale), float(plate_scale))
+    else:
+        scale = (float(plate_scale[0]), float(plate_scale[1]))
+    return scale if all(math.isfinite(s) and s > 0 for s in scale) else None
 
 
-def _profile_panel(ax, model, values, data, model_image, components, good, sigma, offset, plate_scale):
+def _profile_panel(ax, model, values, data, model_image, components, good, sigma, offset, plate_scale, zp):
     ax.set_title("profile")
     geometry = _ellipse_geometry(model, values)
     if geometry is None:
@@ -171,7 +184,6 @@ def _profile_panel(ax, model, values, data, model_image, components, good, sigma
     scale = _scale(plate_scale)
     if scale is not None:
         area = scale[0] * scale[1]
-        zp = float(model.zeropoint)
 
         def conv(sb):
             with np.errstate(invalid="ignore", divide="ignore"):

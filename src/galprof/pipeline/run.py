@@ -1,4 +1,5 @@
-"""The survey pipeline: a catalogue in; result tables, image blocks, a log and a summary out.
+"""The survey pipeline: a catalogue in; result tables, image blocks, diagnostic plots, a log and a
+summary out.
 
 Data flow: catalogue rows are cut into batches of consecutive rows (the same batches on every
 run, so a resumed run fits exactly what an uninterrupted one would); background threads read
@@ -89,11 +90,17 @@ class FitOptions:
 @dataclass
 class PipelineOptions:
     """How the run is organised (none of these change the fitted values, except ``batch_size``
-    at the level of rounding, which is why it is part of the run's fingerprint)."""
+    at the level of rounding, which is why it is part of the run's fingerprint).
+
+    ``save_images``: an image block per fitted galaxy (``images/<id>.fits``); ``plots``: a
+    diagnostic PNG per fitted galaxy (``plots/<id>.png``, :func:`galprof.plots.galaxy_figure`) and
+    the catalogue's plots (``plots/catalog/``) at the end (needs matplotlib).
+    """
 
     out: str | os.PathLike
     formats: Sequence[str] = ("fits", "csv")
     save_images: bool = False
+    plots: bool = False
     batch_size: int = 64
     read_threads: int = 2
     overwrite: bool = False
@@ -176,6 +183,7 @@ class _Run:
         self.model_values = catalog.model_values
         self.store = ResultStore(options.out)
         self._template: Table | None = None
+        self._plot_failed: set = set()  # ids whose diagnostic plot failed in this process
         self.device_text = describe_device(self.fo.device)  # the table's DEVICE (a cluster run sets its own)
 
     # -- fitting one batch ----------------------------------------------------------------------
@@ -208,8 +216,8 @@ class _Run:
             self._derived(t, group, result)
             self._hooks(t, group, result)
             t = _statistics_last(t)
-            if self.opts.save_images:
-                self._image_blocks(t, group, result)
+            if self.opts.save_images or self.opts.plots:
+                self._per_galaxy_outputs(t, group, result)
             for j, s in enumerate(group):
                 rows[s.index] = (t, j)
         bad = [s for s in stamps if s.index not in rows]
@@ -346,32 +354,135 @@ class _Run:
             for name, values in dict(hook(stamps, t, result)).items():
                 t[name] = values
 
-    # -- image blocks ---------------------------------------------------------------------------
-    def _image_blocks(self, t: Table, stamps: list[Stamp], result) -> None:
+    # -- image blocks and diagnostic plots --------------------------------------------------------
+    def _per_galaxy_outputs(self, t: Table, stamps: list[Stamp], result) -> None:
+        """Image blocks (``save_images``) and diagnostic plots (``plots``) of the galaxies of one
+        fit that were fitted, from one rendering of their best-fit models."""
         status = np.asarray(result.status)
         idx = [j for j in range(len(stamps)) if status[j] != int(Status.BAD_INPUT)]
         if not idx:
             return
+        values = {k: np.asarray(result.values[k])[idx] for k in self.keys}
+        self._render_outputs(t, idx, [stamps[j] for j in idx], values, blocks=self.opts.save_images,
+                             plots=self.opts.plots)
+
+    def _render_outputs(self, t: Table, rows: list[int], stamps: list[Stamp], values: dict, *, blocks: bool,
+                        plots: bool) -> None:
+        """Render ``stamps`` at ``values`` (the fit's frame, one value per stamp) and write their
+        image blocks and/or plots; ``t[rows[b]]`` is stamp ``b``'s result row (output frame).
+
+        A plot that fails (or a rendering that fails when only plots are wanted) is logged and
+        costs that plot only."""
         fo = self.fo
         dtype = _DTYPES[fo.dtype]
-        sub = [stamps[j] for j in idx]
-        psf = [s.psf for s in sub] if self.catalog.use_psf else None
-        renderer = Renderer(self.model, [s.shape for s in sub], psf, psf_kind=fo.psf_kind,
-                            psf_oversampling=fo.psf_oversampling, dtype=dtype, device=fo.device)
-        values = {k: torch.as_tensor(np.asarray(result.values[k])[idx], dtype=dtype, device=fo.device)
+        try:
+            psf = [s.psf for s in stamps] if self.catalog.use_psf else None
+            renderer = Renderer(self.model, [s.shape for s in stamps], psf, psf_kind=fo.psf_kind,
+                                psf_oversampling=fo.psf_oversampling, dtype=dtype, device=fo.device)
+            tv = {k: torch.as_tensor(np.asarray(values[k], dtype=float), dtype=dtype, device=fo.device)
                   for k in self.keys}
-        with torch.no_grad():
-            model = renderer(values, check=False)
-            comps = renderer.components(values, check=False)
-        self.store.images_dir.mkdir(exist_ok=True)
-        for b, (j, s) in enumerate(zip(idx, sub)):
-            sigma = s.sigma
-            unused = (s.mask if s.mask is not None else np.zeros(s.shape, bool)) | ~np.isfinite(s.image) \
-                | ~(np.isfinite(sigma) & (sigma > 0))
-            cards = self._cards(t, j, s)
-            write_image_block(self.store.images_dir / f"{_safe_name(s.id)}.fits", data=s.image,
-                              model=renderer.crop(model, b), sigma=sigma, mask=unused,
-                              components={name: renderer.crop(img, b) for name, img in comps.items()}, cards=cards)
+            with torch.no_grad():
+                model = renderer(tv, check=False)
+                comps = renderer.components(tv, check=False)
+        except Exception as exc:
+            if blocks:
+                raise
+            for s in stamps:
+                self._plot_failure(s.id, exc)
+            return
+        if blocks:
+            self.store.images_dir.mkdir(exist_ok=True)
+        for b, (j, s) in enumerate(zip(rows, stamps)):
+            model_image = renderer.crop(model, b)
+            components = {name: renderer.crop(img, b) for name, img in comps.items()}
+            unused = _unused_pixels(s)
+            if blocks:
+                write_image_block(self.store.images_dir / f"{_safe_name(s.id)}.fits", data=s.image,
+                                  model=model_image, sigma=s.sigma, mask=unused, components=components,
+                                  cards=self._cards(t, j, s))
+            if plots:
+                self._plot(t[j], s, model_image, components, unused)
+
+    def plot_path(self, ident) -> Path:
+        """The diagnostic plot of galaxy ``ident``."""
+        return self.store.plots_dir / f"{_safe_name(ident)}.png"
+
+    def _plot(self, row, s: Stamp, model_image: np.ndarray, components: dict, unused: np.ndarray) -> bool:
+        """Write galaxy ``s``'s diagnostic PNG (atomically); a failure is logged, not raised."""
+        from .. import plots
+
+        try:
+            values = {k: float(row[column(k)]) for k in self.keys}  # image frame, the galaxy's zeropoint
+            title = f"{s.id}: {str(row['status']).strip()}, chi2_nu = {float(row['chi2_nu']):.4g}"
+            fig = plots.galaxy_figure(self.model, values, s.image, model_image, components, mask=unused,
+                                      sigma=s.sigma, offset=s.offset, plate_scale=s.pixel_scale,
+                                      zeropoint=s.zeropoint, title=title)
+            path = self.plot_path(s.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
+        except Exception as exc:
+            self._plot_failure(s.id, exc)
+            return False
+        return True
+
+    def _plot_failure(self, ident, exc: Exception) -> None:
+        self._plot_failed.add(ident)
+        log.warning("galaxy %s: PLOT FAILED, no diagnostic plot (%s: %s); its results are not affected",
+                    ident, type(exc).__name__, exc)
+
+    def _from_output_frame(self, t: Table, rows: list[int], stamps: list[Stamp]) -> dict[str, np.ndarray]:
+        """The values of rows ``rows`` of a result table in the fit's frame (the inverse of
+        :meth:`_to_output_frame`)."""
+        shift = {"x": np.array([s.offset[0] for s in stamps], dtype=float),
+                 "y": np.array([s.offset[1] for s in stamps], dtype=float),
+                 "mag": np.array([s.zeropoint - self.model.zeropoint for s in stamps], dtype=float)}
+        values = {}
+        for key in self.keys:
+            v = np.asarray(t[column(key)], dtype=float)[rows]
+            d = shift.get(self.kinds[key])
+            values[key] = v - d if d is not None else v
+        return values
+
+    def plots_at_end(self, table: Table) -> dict:
+        """The diagnostic plots still missing for galaxies with results (fitted by a run without
+        ``plots``, or whose plot failed in another process), then the catalogue plots; returns the
+        plots' part of the summary."""
+        from .. import plots
+
+        status = np.asarray(table["status"]).astype(str) if len(table) else np.array([], str)
+        fitted = [r for r in range(len(table)) if status[r].strip() != "bad_input"]
+        ids = table["id"].tolist() if len(table) else []
+        todo = [r for r in fitted if ids[r] not in self._plot_failed and not self.plot_path(ids[r]).is_file()]
+        if todo:
+            log.info("making the %d diagnostic plots missing from %s", len(todo), self.store.plots_dir)
+            where = {i: k for k, i in enumerate(self.catalog.ids)}
+            bs = max(1, self.opts.batch_size)
+            for start in range(0, len(todo), bs):
+                rows, stamps = [], []
+                for r in todo[start:start + bs]:
+                    try:
+                        s = self.catalog.load(where[ids[r]])
+                        if s.fatal or s.image is None:
+                            raise DataError(f"its input can no longer be read ({s.message})")
+                    except Exception as exc:
+                        self._plot_failure(ids[r], exc)
+                        continue
+                    rows.append(r)
+                    stamps.append(s)
+                if stamps:
+                    self._render_outputs(table, rows, stamps, self._from_output_frame(table, rows, stamps),
+                                         blocks=False, plots=True)
+        made = sum(1 for r in fitted if self.plot_path(ids[r]).is_file())
+        catalogue = []
+        if fitted:
+            try:
+                catalogue = [p.name for p in plots.catalog_plots(table, self.store.plots_dir / "catalog")]
+            except Exception as exc:
+                log.warning("PLOT FAILED: the catalogue plots (%s: %s)", type(exc).__name__, exc)
+        log.info("plots: %d of %d fitted galaxies in %s%s", made, len(fitted), self.store.plots_dir,
+                 f"; catalogue: {', '.join(catalogue)} in {self.store.plots_dir / 'catalog'}" if catalogue else "")
+        return {"galaxies": made, "missing": len(fitted) - made, "catalogue": catalogue}
 
     def _cards(self, t: Table, j: int, s: Stamp) -> list:
         from .. import __version__
@@ -508,6 +619,8 @@ class _Run:
         for fmt in self.opts.formats:
             write_table(table, self.store.out / f"results{TABLE_FORMATS[fmt]}", fmt)
         summary = _summary(table, len(self.catalog))
+        if self.opts.plots:
+            summary["plots"] = self.plots_at_end(table)
         summary["this_run"] = {"galaxies": fitted_now, "seconds": round(elapsed, 3),
                                "galaxies_per_s": round(rate, 4) if fitted_now else None, **(extra or {})}
         summary["missing"] = missing
@@ -542,6 +655,13 @@ def _summary_lines(s: dict) -> list[str]:
     return lines
 
 
+def _unused_pixels(s: Stamp) -> np.ndarray:
+    """Pixels the fit did not use: masked, non-finite data, or sigma not finite and positive."""
+    sigma = s.sigma
+    mask = s.mask if s.mask is not None else np.zeros(s.shape, bool)
+    return mask | ~np.isfinite(s.image) | ~(np.isfinite(sigma) & (sigma > 0))
+
+
 def _statistics_last(t: Table) -> Table:
     """The fit statistics as the last columns, as in :meth:`FitResult.to_table`."""
     tail = [c for c in ("chi2", "dof", "chi2_nu", "n_iter", "status", "flags", "message") if c in t.colnames]
@@ -563,7 +683,7 @@ def _fill_masked(t: Table) -> Table:
 
 def run_pipeline(model: Model, catalog: Catalog, options: PipelineOptions, *, model_source: str = "",
                  hooks: Sequence[Callable] = (), cluster=None) -> dict:
-    """Fit every galaxy of ``catalog`` with ``model``; write tables (and image blocks) to
+    """Fit every galaxy of ``catalog`` with ``model``; write tables (and image blocks, plots) to
     ``options.out``; return the summary (also written to ``summary.json``).
 
     Re-running with the same model and options resumes: galaxies with results are skipped.
@@ -586,6 +706,10 @@ def run_pipeline(model: Model, catalog: Catalog, options: PipelineOptions, *, mo
     for fmt in formats:
         check_format(fmt)
     options.formats = formats
+    if options.plots:
+        from ..plots import check_available
+
+        check_available()  # matplotlib missing: an error now, not after the fit
     run = _Run(model, catalog, options, model_source, hooks)
     store = run.store
     store.lock()

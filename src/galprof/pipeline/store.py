@@ -6,6 +6,7 @@ Layout of ``--out DIR``::
     parts/part-NNNNNNN.fits   one table per fitted batch, written atomically (temporary file + rename)
     results.<fmt>     the merged table, in catalogue order (written at the end, atomically)
     images/<id>.fits  image blocks (--save-images)
+    plots/<id>.png    diagnostic plots (--plots); plots/catalog/*.png the catalogue's
     galprof.log, summary.json
 
 A batch's part is renamed into place only once its table (and its image blocks) are complete, so
@@ -45,6 +46,7 @@ class ResultStore:
         self.out = Path(out)
         self.parts_dir = self.out / "parts"
         self.images_dir = self.out / "images"
+        self.plots_dir = self.out / "plots"
         self._lock_file = None
         self._counter = 0
 
@@ -73,17 +75,18 @@ class ResultStore:
     def start(self, fingerprint: dict, *, overwrite: bool = False) -> bool:
         """Check that the folder holds nothing or the same run; returns whether it resumes one.
 
-        With ``overwrite``, previous results (parts, tables, image blocks) are deleted first."""
+        With ``overwrite``, previous results (parts, tables, image blocks, plots) are deleted first."""
         run_file = self.out / "run.json"
         if overwrite:
             results = [self.out / f"results{s}" for s in TABLE_FORMATS.values()] + [self.out / "results.csv.meta.json"]
             for p in [run_file, self.out / "summary.json"] + results:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-            for d in (self.parts_dir, self.images_dir):
+            for d in (self.parts_dir, self.images_dir, self.plots_dir):
                 shutil.rmtree(d, ignore_errors=True)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        for d in (self.out, self.parts_dir, self.images_dir):  # temporaries of a killed run
+        # temporaries of a killed run
+        for d in (self.out, self.parts_dir, self.images_dir, self.plots_dir, self.plots_dir / "catalog"):
             if d.is_dir():
                 for tmp in d.glob(".*.tmp"):
                     with contextlib.suppress(OSError):
