@@ -96,6 +96,101 @@ def test_central_surface_brightness_of_ferrer_and_king(gtype, lines, radial):
         assert img[y - 1, x - 1] == pytest.approx(_pixel_average(f, x, y), rel=2e-5)
 
 
+# Component blocks as GALFIT's documentation lays them out (its example input file and user's manual):
+# every line 1) to 10) present, the unused ones zero and fixed, comments after "#". Numbering:
+# moffat 3) total magnitude, 4) FWHM [pix], 5) powerlaw; ferrer 3) central surface brightness
+# [mag/arcsec^2], 4) outer truncation radius [pix], 5) alpha (outer truncation sharpness), 6) beta
+# (central slope); king 3) mu(0) [mag/arcsec^2], 4) R_c [pix], 5) R_t [pix], 6) alpha (powerlaw, 2
+# for King's profile). The profiles (GALFIT's manual): Moffat I0 / (1 + (r/a)^2)^beta with FWHM =
+# 2 a sqrt(2^(1/beta) - 1); Ferrer S0 (1 - (r/R_out)^(2 - beta))^alpha inside R_out; King
+# S0 [1 - 1/(1 + (R_t/R_c)^2)^(1/alpha)]^-alpha [1/(1 + (r/R_c)^2)^(1/alpha) - 1/(1 + (R_t/R_c)^2)^(1/alpha)]^alpha
+# inside R_t.
+DOCUMENTED_BLOCKS = """
+# Moffat function
+ 0) moffat             #  Component type
+ 1) 40.3 41.6  1 1     #  Position x, y
+ 3) 19.5       1       #  Total magnitude
+ 4) 3.2        1       #  FWHM               [pix]
+ 5) 2.7        1       #  powerlaw
+ 6) 0.0000     0       #     -----
+ 7) 0.0000     0       #     -----
+ 8) 0.0000     0       #     -----
+ 9) 0.85       1       #  Axis ratio (b/a)
+10) 20.0       1       #  Position angle (PA) [deg: Up=0, Left=90]
+ Z) 0                  #  Skip this model in output image?  (yes=1, no=0)
+
+# Ferrer function
+ 0) ferrer             #  Component type
+ 1) 50.2 49.7  1 1     #  Position x, y
+ 3) 20.5       1       #  Central surface brghtness [mag/arcsec^2]
+ 4) 25.0       1       #  Outer truncation radius  [pix]
+ 5) 2.5        1       #  Alpha (outer truncation sharpness)
+ 6) 0.3        0       #  Beta (central slope)
+ 7) 0.0000     0       #     -----
+ 8) 0.0000     0       #     -----
+ 9) 0.4        1       #  Axis ratio (b/a)
+10) 30.0       1       #  Position angle (PA) [deg: Up=0, Left=90]
+ Z) 0                  #  Skip this model in output image?  (yes=1, no=0)
+
+# King function
+ 0) king               #  Component type
+ 1) 60.4 59.5  1 1     #  position x, y
+ 3) 18.0       1       #  mu(0)  [mag/arcsec^2]
+ 4) 3.0        1       #  R_c  [pix]
+ 5) 40.0       1       #  R_t  [pix]
+ 6) 1.5        0       #  alpha (powerlaw)
+ 7) 0.0000     0       #     -----
+ 8) 0.0000     0       #     -----
+ 9) 0.9        1       #  axis ratio (b/a)
+10) -10.0      1       #  position angle (PA)  [Degrees: Up=0, Left=90]
+ Z) 0                  #  Skip this model in output image?  (yes=1, no=0)
+"""
+
+
+def test_moffat_ferrer_and_king_blocks_as_documented():
+    zp, scale = 25.0, 0.5
+    fm = read_feedme(feedme_text(DOCUMENTED_BLOCKS, nx=100, ny=100, zp=zp, scale=scale))
+    assert fm.components == [(1, "moffat", "moffat1"), (2, "ferrer", "ferrer2"), (3, "king", "king3")]
+    m = fm.model
+    mo, fe, ki = (m[c].params for c in ("moffat1", "ferrer2", "king3"))
+    assert (mo["mag"].value, mo["fwhm"].value, mo["beta"].value, mo["q"].value, mo["pa"].value) == \
+        (19.5, 3.2, 2.7, 0.85, 20.0)
+    assert (fe["rout"].value, fe["alpha"].value, fe["beta"].value) == (25.0, 2.5, 0.3) and fe["beta"].fixed
+    assert not fe["alpha"].fixed and not fe["rout"].fixed
+    assert (ki["rc"].value, ki["rt"].value, ki["alpha"].value) == (3.0, 40.0, 1.5) and ki["alpha"].fixed
+    r = galprof.Renderer(m, [(100, 100)])
+    comps = {k: r.crop(v, 0) for k, v in r.components(r.values()).items()}
+
+    def moffat(r):  # counts per pixel area, from the total magnitude
+        beta, fwhm, q = 2.7, 3.2, 0.85
+        a = fwhm / (2 * math.sqrt(2 ** (1 / beta) - 1))
+        total = 10 ** (-0.4 * (19.5 - zp))
+        return total * (beta - 1) / (math.pi * a * a * q) * (1 + (r / a) ** 2) ** -beta
+
+    def ferrer(r):
+        s0 = 10 ** (-0.4 * (20.5 - zp)) * scale**2
+        return s0 * max(1 - (r / 25.0) ** (2 - 0.3), 0.0) ** 2.5
+
+    def king(r):
+        s0 = 10 ** (-0.4 * (18.0 - zp)) * scale**2
+        a, t = 1.5, (1 + (40.0 / 3.0) ** 2) ** (-1 / 1.5)
+        inner = (1 + (r / 3.0) ** 2) ** (-1 / a) - t if r < 40.0 else 0.0
+        return s0 * (1 - t) ** -a * inner**a
+
+    for name, radial, (xc, yc, q, pa) in (("moffat1", moffat, (40.3, 41.6, 0.85, 20.0)),
+                                          ("ferrer2", ferrer, (50.2, 49.7, 0.4, 30.0)),
+                                          ("king3", king, (60.4, 59.5, 0.9, -10.0))):
+        t = math.radians(pa)
+
+        def f(x, y, xc=xc, yc=yc, q=q, t=t, radial=radial):
+            dx, dy = x - xc, y - yc
+            return radial(math.hypot(-dx * math.sin(t) + dy * math.cos(t), (-dx * math.cos(t) - dy * math.sin(t)) / q))
+
+        for ox, oy in ((0, 0), (3, -2), (-5, 4)):
+            x, y = round(xc) + ox, round(yc) + oy
+            assert comps[name][y - 1, x - 1] == pytest.approx(_pixel_average(f, x, y), rel=2e-5), (name, x, y)
+
+
 def test_constraints(tmp_path):
     comps = (" 0) sersic\n 1) 40 41 1 1\n 3) 18 1\n 4) 5 1\n 5) 2 1\n 9) 0.8 1\n10) 10 1\n Z) 0\n"
              " 0) expdisk\n 1) 40.5 41 1 1\n 3) 17 1\n 4) 10 1\n 9) 0.5 1\n10) 12 1\n Z) 0\n"
