@@ -109,8 +109,8 @@ SLOW_MALLOC = "MALLOC_TRIM_THRESHOLD_"
 def local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs):
     """A :class:`distributed.LocalCluster` of ``n_workers`` worker processes on the loopback
     interface, as ``--workers N`` starts it: workers without Dask's ``MALLOC_TRIM_THRESHOLD_``
-    (see :data:`SLOW_MALLOC`) and without Dask's sampling profiler (which took 10-20% of a
-    worker's time here), one torch thread per worker thread (Dask's ``OMP_NUM_THREADS=1``)."""
+    (see :data:`SLOW_MALLOC`) and without Dask's sampling profiler (which interrupts the fitting
+    thread every 10 ms), one torch thread per worker thread (Dask's ``OMP_NUM_THREADS=1``)."""
     import dask
 
     distributed = _import_distributed()
