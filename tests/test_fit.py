@@ -80,3 +80,76 @@ def test_finite_difference_jacobian_gives_the_same_fit():
     for key in a.free:
         np.testing.assert_allclose(b.values[key], a.values[key], rtol=1e-7, atol=1e-7)
         np.testing.assert_allclose(b.errors[key], a.errors[key], rtol=1e-4)
+
+
+BULGE_DISK = {"zeropoint": 0.0, "components": {
+    "bulge": {"profile": "sersic", "x0": 24.0, "y0": 24.0, "mag": -7.0, "re": 2.0, "n": 3.0, "q": 0.8, "pa": 20.0},
+    "disk": {"profile": "expdisk", "x0": {"tie": "bulge.x0"}, "y0": {"tie": "bulge.y0"}, "mag": -8.0, "rs": 5.0,
+             "q": 0.5, "pa": 40.0},
+    "sky": {"profile": "sky", "sky": 0.0}}}
+
+
+def test_components_sum_to_the_model_and_ties_reach_every_component():
+    from galprof.render import Renderer
+
+    model = galprof.load_model(BULGE_DISK)
+    r = Renderer(model, [(SIZE, SIZE)] * 2, psf_image("star"))
+    values = {k: v.clone() for k, v in r.values().items()}
+    values["sky.sky"] = values["sky.sky"] + 0.3
+    parts = sum(r(values, components=[c]) for c in ("bulge", "disk", "sky"))
+    full = r(values)
+    assert float((parts - full).abs().max()) <= 1e-12 * float(full.abs().max())
+    layout = model.layout(2)
+    assert layout.reached_by("bulge.x0") == {"bulge.x0", "disk.x0"}
+    assert layout.reached_by("disk.rs") == {"disk.rs"}
+    with pytest.raises(galprof.errors.ParameterError, match="halo"):
+        r(values, components=["halo"])
+
+
+def test_grouped_finite_differences_give_the_whole_model_jacobian():
+    """A column that renders only the components its parameter reaches equals the column from
+    rendering the whole model (bulge, disk, the tied centre reaching both, the sky)."""
+    import torch
+
+    from galprof.fitting import FitProblem, make_batch
+    from galprof.render import Renderer
+
+    model = galprof.load_model(BULGE_DISK)
+    rng = np.random.default_rng(2)
+    batch = make_batch([rng.normal(1.0, 0.1, (SIZE, SIZE)) for _ in range(2)], [np.full((SIZE, SIZE), 0.1)] * 2)
+    problem = FitProblem(Renderer(model, batch.shapes, psf_image("star")), model.layout(2), batch,
+                         jacobian="finite-difference")
+    assert problem._fd_groups is not None and len(problem._fd_groups) == 4
+    z = problem.layout.initial()
+    index = torch.arange(2)
+    A, g, chi2 = problem.normal_equations(z, index)
+    problem._fd_groups = None
+    A0, g0, chi20 = problem.normal_equations(z, index)
+    scale = torch.sqrt(torch.diagonal(A0, dim1=1, dim2=2))
+    np.testing.assert_allclose((A / (scale[:, :, None] * scale[:, None, :])).numpy(),
+                               (A0 / (scale[:, :, None] * scale[:, None, :])).numpy(), atol=1e-6)
+    np.testing.assert_allclose(g.numpy(), g0.numpy(), rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
+    assert torch.equal(chi2, chi20)
+
+
+@pytest.mark.slow
+def test_bulge_disk_fit_with_grouped_finite_differences_equals_autodiff():
+    """Finite differences render only the components a column reaches (bulge, disk, both for the
+    shared centre, the sky on its own): the fit and errors equal forward-mode autodiff's."""
+    bulge = galsim.Sersic(3.0, half_light_radius=2.2 * math.sqrt(0.8), flux=800.0, gsparams=GSP)
+    bulge = bulge.shear(q=0.8, beta=(25.0 + 90) * galsim.degrees)
+    disk = galsim.Exponential(scale_radius=5.5 * math.sqrt(0.5), flux=2500.0, gsparams=GSP)
+    disk = disk.shear(q=0.5, beta=(35.0 + 90) * galsim.degrees)
+    im = galsim.ImageD(SIZE, SIZE, scale=1.0)
+    galsim.Convolve(bulge + disk, MOFFAT, gsparams=GSP).drawImage(image=im, center=galsim.PositionD(24.3, 23.9))
+    rng = np.random.default_rng(4)
+    image = im.array + 0.5 + rng.normal(0, 0.05, im.array.shape)
+    sig = [np.full((SIZE, SIZE), 0.05)]
+    model = galprof.load_model(BULGE_DISK)
+    start = {"bulge.re": 2.4, "bulge.pa": 30.0, "disk.rs": 5.0, "disk.pa": 30.0, "sky.sky": 0.4}
+    a = galprof.fit(model, [image], sig, psf=psf_image("star"), jacobian="autodiff", initial=start)
+    b = galprof.fit(model, [image], sig, psf=psf_image("star"), jacobian="finite-difference", initial=start)
+    assert a.status[0] == 0 and b.status[0] == 0
+    for key in a.free:
+        assert abs(b.values[key][0] - a.values[key][0]) < 1e-3 * a.errors[key][0], key
+        np.testing.assert_allclose(b.errors[key], a.errors[key], rtol=1e-3)

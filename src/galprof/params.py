@@ -396,6 +396,17 @@ class ParameterLayout:
     def bounds(self, key: str) -> tuple[float | None, float | None]:
         return self._entries[key].bounds
 
+    def reached_by(self, key: str) -> set[str]:
+        """The parameters whose value depends on ``key``: itself and every parameter tied
+        (directly or through other ties) to it."""
+        sources: dict[str, set[str]] = {}
+        for t in self.tied:  # dependency order
+            src: set[str] = set()
+            for dep in self._entries[t].param.tie.depends:
+                src |= sources.get(dep, {dep})
+            sources[t] = src
+        return {key} | {t for t, src in sources.items() if key in src}
+
     def set_values(self, key: str, value) -> None:
         """Replace the starting (or fixed) value of a non-tied parameter, per galaxy or scalar."""
         e = self._entries[key]

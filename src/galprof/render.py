@@ -270,20 +270,34 @@ class Renderer:
         return self.model.layout(self.batch_size, dtype=self.dtype, device=self.device).values()
 
     def __call__(self, values: Mapping[str, torch.Tensor] | None = None, *,
-                 check: bool = True, index: torch.Tensor | None = None) -> torch.Tensor:
+                 check: bool = True, index: torch.Tensor | None = None,
+                 components: Sequence[str] | None = None) -> torch.Tensor:
         """Model images ``(B, H, W)`` (zero outside each galaxy's stamp).
 
         ``values`` maps ``"comp.param"`` to scalars or (B,) tensors (physical units); by
         default the model's own values. ``index`` (a 1-D integer tensor) renders only those
         galaxies of the batch, ``values`` then holding one entry per indexed galaxy.
-        ``check=False`` skips the validity-domain check (a host synchronisation), for loops
-        whose parameters are bounded by construction.
+        ``components`` (names) renders only those components (their sum, convolved as in the
+        full model). ``check=False`` skips the validity-domain check (a host synchronisation),
+        for loops whose parameters are bounded by construction.
         """
         n = self.batch_size if index is None else int(index.shape[0])
         values = self._check_values(self.values() if values is None else values, n)
         if check:
             self.validate(values, n)
-        return self._chunked(values, None, index)
+        if components is not None:
+            unknown = set(components) - {c.name for c in self.model.components}
+            if unknown:
+                raise ParameterError(f"no component named {', '.join(sorted(unknown))} in the model")
+            components = list(components)
+        return self._chunked(values, components, index)
+
+    def render_cost(self, components: Sequence[str]) -> float:
+        """Relative cost of rendering ``components`` (1 per elliptical or point component; a
+        sky costs next to nothing)."""
+        names = set(components)
+        n = sum(1 for c in self._elliptical + self._points if c.name in names)
+        return n + 0.05 * sum(1 for c in self._skies if c.name in names)
 
     def components(self, values: Mapping[str, torch.Tensor] | None = None, *,
                    check: bool = True) -> dict[str, torch.Tensor]:
