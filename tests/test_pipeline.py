@@ -495,3 +495,14 @@ def test_an_error_inside_the_fit_costs_one_galaxy(survey, tmp_path, monkeypatch)
     options = PipelineOptions(out=tmp_path / "o2", fit=FitOptions(max_iter=2), progress=False)
     with pytest.raises(RuntimeError, match="every galaxy of batch 0"):
         run_pipeline(model, Catalog(folder / "three.csv", model), options)
+
+
+def test_atomic_writes_have_the_usual_permissions(tmp_path):
+    """Files written atomically are readable as a plainly created file is (not mkstemp's 0600)."""
+    from galprof.io.tables import atomic_path
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with atomic_path(tmp_path / "atomic.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
