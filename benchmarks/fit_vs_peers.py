@@ -36,6 +36,11 @@ that reaches the optimum of a model close to GalSim's gets dchi2 ~ -7 (seven fre
 a positive dchi2 means its solution fits the data worse than the truth does.
 
     python benchmarks/fit_vs_peers.py [--n 32] [--galmoss-n 8] [--fitters galprof-lm-f64,pyimfit,...]
+                                      [--json out.json]; --report out.json re-prints the tables
+
+GALMOSS 2.2 imports pandas, tqdm and torch-optimizer without declaring them; install
+torch-optimizer and pytorch-ranger with ``pip install --no-deps`` so that pip leaves the pinned
+torch alone. A fitter whose package is missing is reported as failed and the others still run.
 """
 
 from __future__ import annotations
@@ -181,14 +186,16 @@ def run_galmoss(data, n: int, batch: int, iteration: int, workdir: str) -> dict:
     re = np.where(swap, re * q, re)
     pa = np.where(swap, wrap_pa(pa + 90.0), pa)
     q = np.where(swap, 1.0 / q, q)
-    bad = ~(q > 0) | ~(re > 0)
     values = {"x0": x0, "y0": y0, "mag": get(sersic.mag), "re": re, "n": get(sersic.ser_n), "q": q, "pa": pa}
+    bad = ~(q > 0) | ~(re > 0) | ~np.all([np.isfinite(v) for v in values.values()], axis=0)
+    raw = {k: v.tolist() for k, v in values.items()}
     values = {k: np.where(bad, np.nan, v) for k, v in values.items()}
     eff_iter = fitting.total_eff_iter.detach().cpu().numpy()
     return {"values": values, "converged": np.concatenate(stopped) & ~bad, "time": dt, "cpu": cpu, "rss0": rss0,
             "threads": torch.get_num_threads(), "dtype": "float32",
             "note": f"batch {min(batch, n)}, iteration cap {iteration}, median iteration of the best chi2 "
-                    f"{np.median(eff_iter):.0f}, axis_r > 1 for {int(swap.sum())}"}
+                    f"{np.median(eff_iter):.0f}, axis_r > 1 for {int(swap.sum())}, non-finite or q, r_e <= 0 for "
+                    f"{int(bad.sum())}", "raw": raw}
 
 
 def worker(args) -> int:
@@ -208,6 +215,7 @@ def worker(args) -> int:
                           args.galmoss_iterations, str(Path(args.result).parent / "galmoss_stamps"))
     else:
         raise ValueError(f"unknown fitter {name!r}; choose from {FITTERS}")
+    out.pop("raw", None)
     out["peak_rss"] = max_rss_mb()
     out["n"] = len(out["converged"])
     values = out.pop("values")
@@ -276,6 +284,61 @@ def chi2_with_galprof(model, data, values: dict, index: np.ndarray) -> np.ndarra
     return np.where(ok, chi2, np.nan)
 
 
+def table(rows, subset=None) -> str:
+    """The markdown table of ``rows`` (accuracy over the first ``subset`` galaxies of each, or all)."""
+    head = ("| fitter | dtype | threads | galaxies | wall s | CPU s | galaxies/s (wall) | galaxies/s (CPU) "
+            "| peak RSS MB (+ fitting) | converged | median dchi2 | " + " | ".join(KEYS) + " |")
+    lines = [head, "|" + "---|" * (11 + len(KEYS))]
+    m = slice(None) if subset is None else slice(0, subset)
+    for r in rows:
+        # a galaxy left with non-finite or invalid values counts as +inf (not skipped) in the medians
+        dchi2 = np.where(np.isnan(r["dchi2"][m]), np.inf, r["dchi2"][m])
+        lines.append(
+            f"| {r['fitter']} | {r['dtype']} | {r['threads']} | {len(dchi2)} | {r['time']:.1f} | {r['cpu']:.1f} "
+            f"| {r['n'] / r['time']:.3g} | {r['n'] / r['cpu']:.3g} "
+            f"| {r['peak_rss']:.0f} (+{r['peak_rss'] - r['rss0']:.0f}) "
+            f"| {np.mean(r['converged'][m]):.0%} | {np.median(dchi2):+.1f} | "
+            + " | ".join(f"{np.median(r['absdev'][k][m]):.2f}" for k in KEYS) + " |")
+    return "\n".join(lines)
+
+
+def report(rows) -> None:
+    """Print the tables and the speed ratios against the targets."""
+    print("\nLast columns: median over galaxies of |fit - truth| / sigma, sigma = galprof's covariance error at "
+          "the truth; dchi2 = chi2(fit) - chi2(truth), both with galprof's renderer (a galaxy whose fit is "
+          "non-finite or invalid counts as +inf).")
+    print(table(rows))
+    sub = min((r["n"] for r in rows), default=0)
+    if any(r["n"] != sub for r in rows):
+        print(f"\nAccuracy on the {sub} galaxies that every fitter fitted (the first {sub}; speed columns as above):")
+        print(table(rows, subset=sub))
+    by = {r["fitter"]: r for r in rows}
+    for clock in ("time", "cpu"):
+        def rate(f, clock=clock):
+            return by[f]["n"] / by[f][clock]
+
+        for lm in ("galprof-lm-f64", "galprof-lm-f32"):
+            if lm not in by:
+                continue
+            parts = [f"{lm}: {rate(lm):.3g} galaxies/{'s' if clock == 'time' else 'CPU s'}"]
+            for peer, target in (("pyimfit", 10), ("galmoss", 100)):
+                if peer in by:
+                    ratio = rate(lm) / rate(peer)
+                    verdict = "met" if ratio >= target else "NOT met"
+                    parts.append(f"{ratio:.3g}x {peer} (target >= {target}x: {verdict})")
+            print("; ".join(parts))
+
+
+def load_rows(path) -> list[dict]:
+    """Rows saved by ``--json``, with their arrays back as NumPy arrays."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    for r in rows:
+        for k in ("converged", "dchi2"):
+            r[k] = np.asarray(r[k], dtype=bool if k == "converged" else float)
+        r["absdev"] = {k: np.asarray(v, dtype=float) for k, v in r["absdev"].items()}
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="galaxies for galprof and pyimfit")
@@ -283,13 +346,17 @@ def main(argv=None) -> int:
     ap.add_argument("--galmoss-batch", type=int, default=32)
     ap.add_argument("--galmoss-iterations", type=int, default=1000, help="GALMOSS's iteration cap (its README: 1000)")
     ap.add_argument("--fitters", default=",".join(FITTERS))
-    ap.add_argument("--json", help="also write the table as JSON to this path")
+    ap.add_argument("--json", help="also write the results as JSON to this path")
+    ap.add_argument("--report", metavar="JSON", help="only print the tables of results saved with --json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.report:
+        report(load_rows(args.report))
+        return 0
     for k, v in THREAD_ENV.items():
         os.environ.setdefault(k, v)
     from fit_throughput import perturbed_starts, simulate
@@ -358,43 +425,7 @@ def main(argv=None) -> int:
             print(f"[{name}] {info['n']} galaxies in {info['time']:.1f} s; {info['note']}; load average after "
                   f"{row['load_after']:.2f}", flush=True)
 
-    def table(rows, subset=None):
-        head = ("| fitter | dtype | threads | galaxies | wall s | CPU s | galaxies/s (wall) | galaxies/s (CPU) "
-                "| peak RSS MB (+ fitting) | converged | median dchi2 | " + " | ".join(KEYS) + " |")
-        lines = [head, "|" + "---|" * (11 + len(KEYS))]
-        for r in rows:
-            m = slice(None) if subset is None else slice(0, subset)
-            dchi2 = r["dchi2"][m]
-            lines.append(
-                f"| {r['fitter']} | {r['dtype']} | {r['threads']} | {len(dchi2)} | {r['time']:.1f} | {r['cpu']:.1f} "
-                f"| {r['n'] / r['time']:.3g} | {r['n'] / r['cpu']:.3g} "
-                f"| {r['peak_rss']:.0f} (+{r['peak_rss'] - r['rss0']:.0f}) "
-                f"| {np.mean(r['converged'][m]):.0%} | {np.nanmedian(dchi2):+.1f} | "
-                + " | ".join(f"{np.median(r['absdev'][k][m]):.2f}" for k in KEYS) + " |")
-        return "\n".join(lines)
-
-    print("\nLast columns: median over galaxies of |fit - truth| / sigma, sigma = galprof's covariance error at "
-          "the truth; dchi2 = chi2(fit) - chi2(truth), both with galprof's renderer.")
-    print(table(rows))
-    sub = min((r["n"] for r in rows), default=0)
-    if any(r["n"] != sub for r in rows):
-        print(f"\nAccuracy on the {sub} galaxies that every fitter fitted (the first {sub}; speed columns as above):")
-        print(table(rows, subset=sub))
-    by = {r["fitter"]: r for r in rows}
-    for clock in ("time", "cpu"):
-        def rate(f, clock=clock):
-            return by[f]["n"] / by[f][clock]
-
-        for lm in ("galprof-lm-f64", "galprof-lm-f32"):
-            if lm not in by:
-                continue
-            parts = [f"{lm}: {rate(lm):.3g} galaxies/{'s' if clock == 'time' else 'CPU s'}"]
-            for peer, target in (("pyimfit", 10), ("galmoss", 100)):
-                if peer in by:
-                    ratio = rate(lm) / rate(peer)
-                    verdict = "met" if ratio >= target else "NOT met"
-                    parts.append(f"{ratio:.3g}x {peer} (target >= {target}x: {verdict})")
-            print("; ".join(parts))
+    report(rows)
     if args.json:
         js = [{k: (v.tolist() if isinstance(v, np.ndarray) else
                    {kk: vv.tolist() for kk, vv in v.items()} if isinstance(v, dict) else v)
