@@ -106,20 +106,27 @@ def test_components_sum_to_the_model_and_ties_reach_every_component():
         r(values, components=["halo"])
 
 
-def test_grouped_finite_differences_give_the_whole_model_jacobian():
-    """A column that renders only the components its parameter reaches equals the column from
-    rendering the whole model (bulge, disk, the tied centre reaching both, the sky)."""
+SERSIC_SKY = {"zeropoint": 0.0, "components": {"g": START["components"]["g"], "sky": {"profile": "sky", "sky": 0.1}}}
+
+
+@pytest.mark.parametrize("spec, groups", [(BULGE_DISK, 4), (SERSIC_SKY, 2), (START, 1)])
+def test_grouped_finite_differences_give_the_whole_model_jacobian(spec, groups):
+    """A column that renders only the components its parameter reaches (bulge, disk, the tied
+    centre reaching both, the sky), or none for a lone component's magnitude (its image scaled),
+    equals the column from rendering the whole model; masked pixels (NaN data) included."""
     import torch
 
     from galprof.fitting import FitProblem, make_batch
     from galprof.render import Renderer
 
-    model = galprof.load_model(BULGE_DISK)
+    model = galprof.load_model(spec)
     rng = np.random.default_rng(2)
-    batch = make_batch([rng.normal(1.0, 0.1, (SIZE, SIZE)) for _ in range(2)], [np.full((SIZE, SIZE), 0.1)] * 2)
+    images = [rng.normal(1.0, 0.1, (SIZE, SIZE)) for _ in range(2)]
+    images[1][:5, :7] = np.nan
+    batch = make_batch(images, [np.full((SIZE, SIZE), 0.1)] * 2)
     problem = FitProblem(Renderer(model, batch.shapes, psf_image("star")), model.layout(2), batch,
                          jacobian="finite-difference")
-    assert problem._fd_groups is not None and len(problem._fd_groups) == 4
+    assert problem._fd_groups is not None and len(problem._fd_groups) == groups
     z = problem.layout.initial()
     index = torch.arange(2)
     A, g, chi2 = problem.normal_equations(z, index)

@@ -89,21 +89,50 @@ class FitProblem:
         self._fd_groups = self._component_groups() if jacobian == "finite-difference" else None
 
     def _component_groups(self):
-        """Finite-difference columns grouped by the components they reach, when rendering
-        each group alone (a base image plus one per column) is cheaper than rendering the
-        whole model per column: a column of a bulge parameter then renders the bulge only,
-        one of the sky next to nothing. ``None`` when it is not cheaper (one component)."""
+        """How the finite-difference Jacobian renders its columns (chi2 statistic): columns are
+        grouped by the components their parameter reaches, and a group renders only those
+        components (the residuals are linear in the model, itself a sum of components): a
+        column of a bulge parameter renders the bulge, one of the sky next to nothing. Each
+        group's base image comes from the residuals when the group is the whole model, or as
+        the model minus the other components when those are cheaper to render (a sky). The
+        column of the ``mag`` of a group's only component is that base image scaled, with no
+        render. Returns ``[(components, columns, base, mag_column)]`` with ``base`` one of
+        ``"model"``, ``"minus"``, ``"render"``, or ``None`` when the whole model per column is
+        as cheap."""
         comp_of = {k: k.split(".", 1)[0] for k in self.layout.keys}
         groups: dict[frozenset, list[int]] = {}
         for j, key in enumerate(self.layout.free):
             reach = frozenset(comp_of[k] for k in self.layout.reached_by(key))
             groups.setdefault(reach, []).append(j)
         cost = self.renderer.render_cost
-        everything = [c.name for c in self.renderer.model.components]
-        grouped = sum((1 + len(cols)) * cost(sorted(g)) for g, cols in groups.items())
-        if grouped >= 0.9 * self.n_free * cost(everything):
+        model = self.renderer.model
+        everything = frozenset(c.name for c in model.components)
+        flux_like = {c.name for c in model.components if c.profile.kind in ("elliptical", "point")}
+
+        def mag_column(comps, cols):
+            if len(comps) != 1 or next(iter(comps)) not in flux_like:
+                return None
+            name = f"{next(iter(comps))}.mag"
+            hits = [j for j in cols if self.layout.free[j] == name]
+            return hits[0] if hits else None
+
+        plan, total = [], 0.0
+        for comps, cols in groups.items():
+            rest = everything - comps
+            if not rest:
+                base, base_cost = "model", 0.0
+            elif cost(sorted(rest)) < cost(sorted(comps)):
+                base, base_cost = "minus", cost(sorted(rest))
+            else:
+                base, base_cost = "render", cost(sorted(comps))
+            mag = mag_column(comps, cols)
+            rendered = [j for j in cols if j != mag]
+            total += base_cost + len(rendered) * cost(sorted(comps))
+            plan.append((sorted(comps), sorted(rest), base, mag,
+                         torch.tensor(rendered, dtype=torch.long, device=self.batch.images.device)))
+        if total >= 0.95 * self.n_free * cost(sorted(everything)):
             return None
-        return [(sorted(g), torch.tensor(cols, device=self.batch.images.device)) for g, cols in groups.items()]
+        return plan
 
     def at_bound(self, z: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
         """(b, P) bool: free parameters that sit at a bound, where the derivative of their
@@ -155,6 +184,39 @@ class FitProblem:
             r = (model - data) * sw
         return r.reshape(r.shape[0], -1)
 
+    def _grouped_jacobian(self, z, index, zp, h, r):
+        """(b, N, P) forward differences by component groups (see :meth:`_component_groups`);
+        ``zp`` (P, b, P) holds the perturbed points, ``r`` the residuals at ``z``."""
+        b, P = z.shape
+        g = index if self.rows is None else self.rows[index]
+        sw = self._sqrt_weights(index).reshape(b, -1)
+        model_sw = r + self.batch.images[g].reshape(b, -1) * sw     # sqrt(w) model, from r
+        values = self.values(z, index)
+        J = torch.empty(b, r.shape[1], P, dtype=z.dtype, device=z.device)
+
+        def render(vals, idx, rows, comps):
+            return self.renderer(vals, check=False, index=rows, components=comps).reshape(rows.shape[0], -1)
+
+        for comps, rest, base, mag, cols in self._fd_groups:
+            if base == "model":
+                base_sw = model_sw
+            elif base == "minus":
+                base_sw = model_sw - render(values, index, g, rest) * sw
+            else:
+                base_sw = render(values, index, g, comps) * sw
+            k = cols.numel()
+            if k:
+                zk = zp[cols].reshape(k * b, P)
+                img = render(self.values(zk, index.repeat(k)), index.repeat(k), g.repeat(k), comps)
+                diff = img.reshape(k, b, -1) * sw - base_sw
+                J[:, :, cols] = (diff / h.T[cols][:, :, None]).permute(1, 2, 0)
+            if mag is not None:
+                # the component's image is proportional to its flux
+                key = self.layout.free[mag]
+                dm = self.values(zp[mag], index)[key] - values[key]
+                J[:, :, mag] = base_sw * (torch.pow(10.0, -0.4 * dm) - 1.0)[:, None] / h[:, mag][:, None]
+        return J
+
     def normal_equations(self, z: torch.Tensor, index: torch.Tensor, *, fisher: bool = False,
                          residuals: torch.Tensor | None = None):
         """``J^T J`` (b, P, P), ``J^T r`` (b, P) and ``chi2`` (b,) at ``z``.
@@ -183,20 +245,8 @@ class FitProblem:
             eye = torch.eye(P, dtype=z.dtype, device=z.device)
             zp = zp + eye[:, None, :] * h[None]
             r = resid(z, index) if residuals is None or fisher else residuals
-            if self._fd_groups is not None and self.statistic == "chi2":
-                # chi2 residuals are linear in the model, itself a sum of components: a
-                # column needs only the components its parameter reaches
-                J = torch.empty(b, r.shape[1], P, dtype=z.dtype, device=z.device)
-                sw = self._sqrt_weights(index).reshape(b, -1)
-                g = index if self.rows is None else self.rows[index]
-                for comps, cols in self._fd_groups:
-                    k = cols.numel()
-                    base = self.renderer(self.values(z, index), check=False, index=g, components=comps)
-                    zk = zp[cols].reshape(k * b, P)
-                    img = self.renderer(self.values(zk, index.repeat(k)), check=False, index=g.repeat(k),
-                                        components=comps)
-                    diff = (img.reshape(k, b, -1) - base.reshape(1, b, -1)) * sw
-                    J[:, :, cols] = (diff / h.T[cols][:, :, None]).permute(1, 2, 0)
+            if self._fd_groups is not None and self.statistic == "chi2" and not fisher:
+                J = self._grouped_jacobian(z, index, zp, h, r)
             else:
                 rp = resid(zp.reshape(P * b, P), index.repeat(P)).reshape(P, b, -1)
                 J = ((rp - r[None]) / h.T[:, :, None]).permute(1, 2, 0)           # (b, N, P)
