@@ -59,9 +59,12 @@ def run(n: int = 200, *, seed: int = 1, n_bootstrap: int = 0, psf_kind: str = "s
     ok = status == 0
     stats = {"n": n, "converged": float(ok.mean()), "time": elapsed, "median_iter": float(np.median(n_iter)),
              "params": {}}
+    stats["per_galaxy"] = {"status": status, "n_iter": n_iter, "values": values, "errors": errors,
+                           "truths": sample.truths}
     for k in PARAMS:
         p = pulls(values[k], errors[k], sample.truths, k)[ok]
-        row = {"bias": float(np.median(p)), "pull_std": robust_std(p)}
+        finite = np.isfinite(p)  # no error where the normal matrix is singular (flag SINGULAR)
+        row = {"bias": float(np.median(p[finite])), "pull_std": robust_std(p), "no_error": int((~finite).sum())}
         if n_bootstrap:
             row["boot_over_cov"] = float(np.nanmedian(boot[k][ok] / errors[k][ok]))
         stats["params"][k] = row
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--psf-kind", default="star", choices=["star", "optical"])
     ap.add_argument("--optimizer", default="lm")
     ap.add_argument("--dtype", default="float64")
+    ap.add_argument("--save", metavar="NPZ", help="write each galaxy's truth, fit, error and status")
     args = ap.parse_args(argv)
     s = run(args.n, seed=args.seed, n_bootstrap=args.bootstrap, psf_kind=args.psf_kind,
             dtype=getattr(torch, args.dtype), optimizer=args.optimizer)
@@ -92,6 +96,12 @@ def main(argv=None) -> int:
         if args.bootstrap:
             line += f" {r['boot_over_cov']:.3f} |"
         print(line)
+    print("no error (singular normal matrix): " + ", ".join(f"{k} {r['no_error']}" for k, r in s["params"].items()))
+    if args.save:
+        g = s["per_galaxy"]
+        np.savez(args.save, status=g["status"], n_iter=g["n_iter"],
+                 **{f"fit_{k}": v for k, v in g["values"].items()}, **{f"err_{k}": v for k, v in g["errors"].items()},
+                 **{f"true_{k}": np.array([t[k] for t in g["truths"]]) for k in g["truths"][0]})
     return 0
 
 
