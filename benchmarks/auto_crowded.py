@@ -73,7 +73,7 @@ class Stamp:
     starts_truth: dict = field(default_factory=dict)
 
 
-def simulate(n: int, seed: int = 7) -> tuple[list[Stamp], np.ndarray]:
+def simulate(n: int, seed: int = 7, placement: str = "clustered") -> tuple[list[Stamp], np.ndarray]:
     import galsim
 
     rng = np.random.default_rng(seed)
@@ -108,11 +108,15 @@ def simulate(n: int, seed: int = 7) -> tuple[list[Stamp], np.ndarray]:
         for _ in range(k):
             for _try in range(50):
                 re_n = float(np.exp(rng.uniform(0.0, np.log(8.0))))
-                u = float(np.exp(rng.uniform(np.log(1.5), np.log(8.0))))
-                ang = rng.uniform(0, 2 * np.pi)
-                x = t["x0"] + u * (re + re_n) * np.cos(ang)
-                y = t["y0"] + u * (re + re_n) * np.sin(ang)
-                if 3 <= x <= size - 2 and 3 <= y <= size - 2:
+                if placement == "clustered":
+                    u = float(np.exp(rng.uniform(np.log(1.5), np.log(8.0))))
+                    ang = rng.uniform(0, 2 * np.pi)
+                    x = t["x0"] + u * (re + re_n) * np.cos(ang)
+                    y = t["y0"] + u * (re + re_n) * np.sin(ang)
+                else:
+                    x, y = rng.uniform(3, size - 2, 2)
+                    u = math.hypot(x - t["x0"], y - t["y0"]) / (re + re_n)
+                if 3 <= x <= size - 2 and 3 <= y <= size - 2 and u >= 1.5:
                     break
             else:
                 continue
@@ -165,12 +169,12 @@ def _fit_groups(groups, psf, dtype):
     return out, t_fit
 
 
-def run_mode(stamps, psf, mode: str, dtype=torch.float64, batch: int = 32, verbose=True):
+def run_mode(stamps, psf, mode: str, dtype=torch.float64, batch: int = 32, verbose=True, detect_kw=None):
     model0 = base_model()
     t_auto = 0.0
     prepared = []
     ps = psf_radii(psf)
-    opts = DetectOptions(neighbours=3 if mode == "auto+nb" else 0)
+    opts = DetectOptions(**{**(detect_kw or {}), "neighbours": 3 if mode == "auto+nb" else 0})
     for s in stamps:
         if mode == "truth":
             prepared.append((model0, s.perfect_mask, dict(s.starts_truth), ""))
@@ -229,17 +233,25 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--failures", action="store_true", help="list the failed targets of each mode")
+    p.add_argument("--placement", choices=["clustered", "uniform"], default="clustered",
+                   help="neighbours at u (re_t + re_nb) from the target, u log-uniform in [1.5, 8] (clustered), or "
+                        "uniform over the stamp, u >= 1.5 (uniform)")
+    p.add_argument("--deblend-cont", type=float, default=DetectOptions.deblend_cont)
+    p.add_argument("--wings", type=float, default=DetectOptions.wings)
+    p.add_argument("--dilate", type=float, default=DetectOptions.dilate)
     args = p.parse_args(argv)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     t0 = time.perf_counter()
-    stamps, psf = simulate(args.n, args.seed)
+    stamps, psf = simulate(args.n, args.seed, args.placement)
+    detect_kw = {"deblend_cont": args.deblend_cont, "wings": args.wings, "dilate": args.dilate}
     n_bright = sum(s.truth["snr"] > 50 for s in stamps)
+    print(f"placement {args.placement}, detection {detect_kw}")
     print(f"{args.n} stamps simulated in {time.perf_counter() - t0:.0f} s ({n_bright} targets with S/N > 50); "
           f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for mode in args.modes.split(","):
-        results, t_auto, t_fit = run_mode(stamps, psf, mode, dtype=dtype, batch=args.batch)
+        results, t_auto, t_fit = run_mode(stamps, psf, mode, dtype=dtype, batch=args.batch, detect_kw=detect_kw)
         ok, conv = evaluate(stamps, results)
         n = len(stamps)
         rows.append((mode, ok.mean(), ok.size, conv.mean(), 1e3 * t_auto / n, 1e3 * t_fit / n,

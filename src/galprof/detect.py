@@ -11,8 +11,10 @@ What a person would otherwise do by hand with SExtractor before a fit (see docs/
    deblending), its segmentation map, and the target: the segment under the catalogue position
    (the stamp centre by default), else the nearest source within ``target_radius`` pixels.
 3. **Masks** (:meth:`Detection.mask`): ``background`` masks the other sources' segments, each
-   grown by ``dilate`` pixels (a disk), but never over the target's own segment; ``exclusive``
-   masks all but the target's segment grown by ``dilate`` pixels into the sky.
+   grown by ``dilate`` pixels (a disk), but never over the target's own segment, and the pixels
+   where the other sources' extrapolated light (:func:`wings_image`) exceeds ``wings`` times
+   the background RMS; ``exclusive`` masks all but the target's segment grown by ``dilate``
+   pixels into the sky.
 4. **Starting values** (:func:`measure`, :func:`initial_values`): windowed centroid; axis ratio
    and PA from the PSF-corrected second moments; Kron ("auto") flux; half-light radius from the
    elliptical curve of growth; Sérsic index from the concentration ``r80 / r20``; documented
@@ -74,7 +76,8 @@ class DetectOptions:
         default 2.0, see docs/automation.md for why not SExtractor's 1.5)
     minarea : smallest detection, pixels (DETECT_MINAREA)
     deblend_nthresh, deblend_cont : deblending levels and minimum contrast (DEBLEND_NTHRESH,
-        DEBLEND_MINCONT)
+        DEBLEND_MINCONT; default 0.001, finer than SExtractor's 0.005, which leaves close pairs
+        of galaxies in one segment: docs/automation.md)
     clean, clean_param : remove spurious detections near bright sources (CLEAN, CLEAN_PARAM)
     back_size, back_filter : mesh size (px) and median filter (meshes) of the detection
         background (BACK_SIZE, BACK_FILTERSIZE); meshes larger than the image shrink to it
@@ -95,7 +98,7 @@ class DetectOptions:
     thresh: float = 2.0
     minarea: int = 5
     deblend_nthresh: int = 32
-    deblend_cont: float = 0.005
+    deblend_cont: float = 0.001
     clean: bool = True
     clean_param: float = 1.0
     back_size: int = 64
@@ -607,8 +610,8 @@ def _measure(image, detection, label, *, psf, psf_stats) -> Measurement:
     # Sérsic correction of the Kron flux to a total
     frac = _sersic_fraction(n, r_kron / max(re, 1e-3))
     corr = min(1.0 / frac, 10 ** (0.4 * 0.3)) if frac > 0 else 1.0
-    return Measurement(label=label, x=x0 + 1.0, y=y0 + 1.0, flux=f_kron, total_flux=f_kron * corr, q=q, pa=pa,
-                       r20=r20, r50=r50, r80=r80, re=re, concentration=conc, n=n, sky=sky, kron_radius=r_kron,
+    return Measurement(label=label, x=x0 + 1.0, y=y0 + 1.0, flux=f_kron, total_flux=f_kron * corr, q=q,
+                       pa=pa, r20=r20, r50=r50, r80=r80, re=re, concentration=conc, n=n, sky=sky, kron_radius=r_kron,
                        snr=snr, notes=notes)
 
 
@@ -630,33 +633,73 @@ def sersic_image(shape: tuple[int, int], *, x: float, y: float, flux: float, re:
 
 
 def source_light(image: np.ndarray, detection: Detection, label: int, *,
-                 psf_stats: Mapping[str, float] | None = None) -> tuple[Measurement | None, np.ndarray | None]:
-    """A source's measurement and its extrapolated light: a Sérsic (:func:`sersic_image`) with
-    its measured total flux, observed half-light radius, index from its observed concentration
-    (within 0.5-4) and observed shape (sep's isophotal a, b, theta); None when it has no
-    positive flux (or when it cannot be measured: then the measurement is None too)."""
+                 psf_stats: Mapping[str, float] | None = None,
+                 convolved: bool = False) -> tuple[Measurement | None, np.ndarray | None]:
+    """A source's measurement and its extrapolated light (None when it has no positive flux;
+    both None when it cannot be measured).
+
+    ``convolved`` True: the light *before* the PSF, to be convolved with it (:func:`wings_image`):
+    a Sérsic with the measured total flux and the PSF-corrected re, n (within 0.5-6), q and PA,
+    sampled at pixel centres and rescaled to the total flux; a point (its flux shared between the
+    four nearest pixels) when re < 0.5 px. ``convolved`` False (no PSF): a Sérsic with the
+    observed half-light radius, index from the observed concentration (within 0.5-4) and
+    observed shape (sep's isophotal a, b, theta)."""
     try:
         m = measure(image, detection, label, psf_stats=psf_stats)
     except DataError:
         return None, None
     if not (m.total_flux > 0 and m.r50 > 0):
         return m, None
+    shape = detection.segmap.shape
+    if convolved:
+        if m.re < 0.5:
+            return m, _point(shape, m.x, m.y, m.total_flux)
+        light = sersic_image(shape, x=m.x, y=m.y, flux=m.total_flux, re=m.re, n=float(np.clip(m.n, 0.5, 6.0)),
+                             q=m.q, pa=m.pa)
+        total = light.sum()
+        return m, light * (m.total_flux / total) if total > 0 else None
     o = detection.objects[label - 1]
     n = float(np.clip(sersic_n_from_concentration(m.r80 / max(m.r20, 1e-3)), 0.5, 4.0))
     q = float(np.clip(o["b"] / o["a"], 0.05, 1.0)) if o["a"] > 0 else 1.0
-    return m, sersic_image(detection.segmap.shape, x=m.x, y=m.y, flux=m.total_flux, re=m.r50, n=n, q=q,
+    return m, sersic_image(shape, x=m.x, y=m.y, flux=m.total_flux, re=m.r50, n=n, q=q,
                            pa=float(pa_from_theta(o["theta"])))
 
 
+def _point(shape, x: float, y: float, flux: float) -> np.ndarray:
+    """``flux`` at (x, y) (FITS pixels), shared bilinearly between the four nearest pixels."""
+    out = np.zeros(shape)
+    fx, fy = x - 1.0, y - 1.0
+    ix, iy = int(math.floor(fx)), int(math.floor(fy))
+    for dy in (0, 1):
+        for dx in (0, 1):
+            w = (1 - abs(fx - ix - dx)) * (1 - abs(fy - iy - dy))
+            if 0 <= iy + dy < shape[0] and 0 <= ix + dx < shape[1]:
+                out[iy + dy, ix + dx] += flux * w
+    return out
+
+
+def convolve_psf(image: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """``image`` convolved with the unit-sum ``psf`` (centre at ``[ny // 2, nx // 2]``), zero
+    outside the image, same shape (FFT)."""
+    p = np.asarray(psf, dtype=np.float64)
+    p = p / p.sum()
+    ny, nx = image.shape
+    py, px = p.shape
+    sy, sx = ny + py, nx + px
+    f = np.fft.irfft2(np.fft.rfft2(image, (sy, sx)) * np.fft.rfft2(p, (sy, sx)), (sy, sx))
+    return f[py // 2:py // 2 + ny, px // 2:px // 2 + nx]
+
+
 def wings_image(image: np.ndarray, detection: Detection, labels: Iterable[int], *,
-                psf_stats: Mapping[str, float] | None = None) -> np.ndarray:
-    """The summed extrapolated light (:func:`source_light`) of sources ``labels``."""
+                psf: np.ndarray | None = None, psf_stats: Mapping[str, float] | None = None) -> np.ndarray:
+    """The summed extrapolated light (:func:`source_light`) of sources ``labels``: with a PSF,
+    their PSF-corrected profiles convolved with it; without, their observed profiles."""
     out = np.zeros(detection.segmap.shape)
     for lab in labels:
-        _, light = source_light(image, detection, lab, psf_stats=psf_stats)
+        _, light = source_light(image, detection, lab, psf_stats=psf_stats, convolved=psf is not None)
         if light is not None:
             out += light
-    return out
+    return out if psf is None else convolve_psf(out, psf)
 
 
 # ---------------------------------------------------------------------------------------------
