@@ -6,8 +6,11 @@ matched-filter S/N 30-300 log-uniform, centre within half a pixel of the stamp c
 of 64, 96, 128 or 192 px, the smallest at least 20 re wide) plus
 
 - 0-6 neighbour galaxies (uniform number): Sérsic, re 1-8 px, n 0.5-4, q 0.3-1, flux 0.03-3 times
-  the target's (log-uniform), centred at a distance of u (re_target + re_neighbour) from the
-  target, u log-uniform in [1.5, 8] (heavy overlap to well separated), inside the stamp;
+  the target's (log-uniform), placed (``--placement``) either ``uniform``: anywhere in the
+  stamp, as sources fall on the sky, but with centres at least u = 1.5 (re_target +
+  re_neighbour) from the target's (closer pairs are one blend, not a target and a neighbour),
+  or ``clustered`` (a stress test): at u (re_target + re_neighbour) with u log-uniform in
+  [1.5, 8], so that about one neighbour in six overlaps heavily (u < 2);
 - 0-3 stars (PSF point sources), flux 0.05-5 times the target's, at least 1.5 re_target + 3 px
   from it;
 - a constant sky residual, uniform in [-0.3, 0.3] sky sigma; Moffat PSF (beta 4.5, FWHM 3.5 px)
@@ -18,8 +21,9 @@ Each stamp is fitted with a single Sérsic + free sky (LM, float64, finite-diffe
 three ways:
 
 ``auto``
-    galprof.detect on the stamp alone: sep detection, background-mode masks (segments grown by
-    2 px), all starts measured (centre, mag, re, n, q, PA, sky). Nothing from the truth.
+    galprof.detect with its defaults on the stamp alone: sep detection, background-mode masks
+    (segments grown by 2 px, neighbours' extrapolated wings above 0.5 RMS), all starts measured
+    (centre, mag, re, n, q, PA, sky). Nothing from the truth.
 ``truth``
     truth-perturbed starts as in benchmarks/galsim_sims.py (re x/ 1.5, n = 2, q = 0.7,
     PA +- 20 deg, mag +- 0.5, centre +- 1.5 px, sky 0) and perfect masks: every pixel where the
@@ -34,7 +38,7 @@ Success for a target with S/N > 50: |re_fit / re_true - 1| < max(10%, 3 sigma_re
 converged) for all stamps, and the time of detection + guessing per galaxy against the fit time
 per galaxy (batched by stamp size). Run with one thread::
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/auto_crowded.py --n 300
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/auto_crowded.py --n 300 [--placement clustered]
 """
 
 from __future__ import annotations
@@ -233,7 +237,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--failures", action="store_true", help="list the failed targets of each mode")
-    p.add_argument("--placement", choices=["clustered", "uniform"], default="clustered",
+    p.add_argument("--placement", choices=["clustered", "uniform"], default="uniform",
                    help="neighbours at u (re_t + re_nb) from the target, u log-uniform in [1.5, 8] (clustered), or "
                         "uniform over the stamp, u >= 1.5 (uniform)")
     p.add_argument("--deblend-cont", type=float, default=DetectOptions.deblend_cont)
