@@ -263,6 +263,11 @@ def main(argv=None):
         print(f"  {mode}: {100 * ok.mean():.1f}% of {ok.size} targets within tolerance, converged "
               f"{100 * conv.mean():.1f}%", flush=True)
         if args.failures:
+            for i, r in enumerate(results):
+                if r["status"] != 0:
+                    s = stamps[i]
+                    print(f"    {mode} not converged #{i}: snr {s.truth['snr']:.0f} re {s.truth['re']:.2f}->"
+                          f"{r['g.re']:.2f} n {s.truth['n']:.1f} status {r['status']} iterations {r['n_iter']}")
             bright = [i for i, s in enumerate(stamps) if s.truth["snr"] > 50]
             for j, i in enumerate(bright):
                 if not ok[j]:
