@@ -194,20 +194,20 @@ class FitProblem:
         values = self.values(z, index)
         J = torch.empty(b, r.shape[1], P, dtype=z.dtype, device=z.device)
 
-        def render(vals, idx, rows, comps):
+        def render(vals, rows, comps):
             return self.renderer(vals, check=False, index=rows, components=comps).reshape(rows.shape[0], -1)
 
         for comps, rest, base, mag, cols in self._fd_groups:
             if base == "model":
                 base_sw = model_sw
             elif base == "minus":
-                base_sw = model_sw - render(values, index, g, rest) * sw
+                base_sw = model_sw - render(values, g, rest) * sw
             else:
-                base_sw = render(values, index, g, comps) * sw
+                base_sw = render(values, g, comps) * sw
             k = cols.numel()
             if k:
                 zk = zp[cols].reshape(k * b, P)
-                img = render(self.values(zk, index.repeat(k)), index.repeat(k), g.repeat(k), comps)
+                img = render(self.values(zk, index.repeat(k)), g.repeat(k), comps)
                 diff = img.reshape(k, b, -1) * sw - base_sw
                 J[:, :, cols] = (diff / h.T[cols][:, :, None]).permute(1, 2, 0)
             if mag is not None:
