@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kernels import SortedRanges, label_components
+from .kernels import SortedRanges, label_components, sort_values
 
 __all__ = ["DetectOptions", "segment_stamps"]
 
@@ -55,7 +55,7 @@ def segment_stamps(images: Sequence[np.ndarray], masks: Sequence[np.ndarray | No
     x = torch.as_tensor(canvas, device=device, dtype=dtype)
     good = torch.isfinite(x)
     flat = torch.where(good, x, torch.full_like(x, float("inf"))).reshape(n, -1)
-    vals = torch.sort(flat, dim=1).values
+    vals = sort_values(flat)
     cnt = good.reshape(n, -1).sum(1)
 
     sr = SortedRanges(vals, cnt)

@@ -26,6 +26,7 @@ from .kernels import (
     connected_component,
     gaussian_filter,
     nelder_mead,
+    sort_values,
     uniform_filter,
 )
 from .radial import RadialProfile, fraction_radius, petrosian_radius
@@ -294,7 +295,7 @@ def _box_values(img: torch.Tensor, found, size, i0, j0, smax: int):
 def _sorted_masked(values: torch.Tensor, keep: torch.Tensor):
     """Sort each row of (B, N) keeping only ``keep`` (others to +inf); returns (sorted, count)."""
     v = torch.where(keep, values, torch.full_like(values, float("inf")))
-    return torch.sort(v, dim=1).values, keep.sum(1)
+    return sort_values(v), keep.sum(1)
 
 
 def _mode_clip_threshold(values: torch.Tensor, n: torch.Tensor):
@@ -540,7 +541,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     gxc, gyc = (gi * x).sum((1, 2)) / m00s, (gi * y).sum((1, 2)) / m00s
     r2 = (x - gxc.view(b, 1, 1)) ** 2 + (y - gyc.view(b, 1, 1)) ** 2
     mtot = (gi * r2).sum((1, 2))
-    sv = torch.sort(gi.reshape(b, -1), dim=1).values
+    sv = sort_values(gi.reshape(b, -1))
     frac = torch.cumsum(sv, 1) / m00s.view(b, 1)
     ge = frac >= 0.8
     first, anyge = _first_true(ge)

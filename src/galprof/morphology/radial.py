@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from .geometry import circle_pixel_overlap, ellipse_pixel_overlap
-from .kernels import brentq
+from .kernels import brentq, sort_rows
 
 __all__ = ["RadialProfile", "petrosian_radius", "fraction_radius"]
 
@@ -60,7 +60,7 @@ class RadialProfile:
             v = (dy * cs - dx * sn) * e
             rho = torch.sqrt(u * u + v * v)
         rho = torch.where(inside, rho, torch.full_like(rho, float("inf"))).reshape(b, h * w)
-        self.rho, order = torch.sort(rho, dim=1)
+        self.rho, order = sort_rows(rho.contiguous())
         self.order = order
         self.dx = torch.gather(dx.reshape(b, -1), 1, order)
         self.dy = torch.gather(dy.reshape(b, -1), 1, order)
