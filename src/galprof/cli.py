@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--morphology", action="store_true",
                    help="add statmorph's non-parametric statistics (concentration, asymmetry, smoothness, Gini, "
                         "M20, radii; docs/morphology.md) to the fit table, measured in float64 on --device")
+    from .field_cli import add_field_options
+
+    add_field_options(f)
     from .morphology.cli import add_parser as add_morph_parser
 
     add_morph_parser(sub)
@@ -188,6 +191,17 @@ def _fit(args) -> int:
     if args.resume and args.overwrite:
         raise GalprofError("--resume and --overwrite contradict each other; give one")
 
+    if args.field:
+        from .detect_cli import default_model
+        from .field_cli import run_field_fit
+
+        if is_image(args.model):
+            if args.image is not None:
+                raise GalprofError("give the field image once: galprof fit FIELD.fits --field, or "
+                                   "galprof fit MODEL.yaml --image FIELD.fits --field")
+            args.image = args.model
+            return run_field_fit(args, default_model(0.0 if args.zeropoint is None else args.zeropoint))
+        return run_field_fit(args, load_model(args.model))
     if is_image(args.model):
         return run_image_fit(args)
     if args.catalog is None or args.out is None:

@@ -107,7 +107,15 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         tail = problem.at_bound(zi, tol=0.1) & (step * zi > 0)
         cap = torch.where(tail, torch.maximum(problem.step_scale.expand_as(zi), zi.abs()), problem.step_scale)
         step = torch.where(tail, step.clamp(-cap, cap), step)
-        ratio = (step.abs() / cap).amax(dim=1, keepdim=True)
+        # a problem with independent blocks of parameters (the sources of a field) limits each
+        # block's step on its own
+        groups = getattr(problem, "step_groups", None)
+        if groups is None:
+            ratio = (step.abs() / cap).amax(dim=1, keepdim=True)
+        else:
+            gi_ = groups.expand_as(step)
+            per = torch.zeros(step.shape[0], problem.n_step_groups, dtype=dt, device=dev)
+            ratio = per.scatter_reduce(1, gi_, step.abs() / cap, "amax").gather(1, gi_)
         step = step / ratio.clamp(min=1.0)
         z_try = z[idx] + step
         r_try = problem.residuals(z_try, idx)

@@ -9,13 +9,26 @@ from ..params import ParameterLayout
 from ..render import Renderer
 from .data import StampBatch
 
-__all__ = ["FitProblem"]
+__all__ = ["FitProblem", "step_scales"]
 
 #: per-iteration step limits of unbounded parameters, by kind (pixels, magnitudes, degrees)
 _UNBOUNDED_STEP = {"x": 2.0, "y": 2.0, "mag": 0.5, "angle": 20.0, "length": 2.0}
 
 
 STATISTICS = ("chi2", "cash")
+
+
+def step_scales(layout: ParameterLayout, dtype: torch.dtype, device) -> torch.Tensor:
+    """(P,) largest step per iteration of each free parameter of ``layout``, in the optimiser's
+    space: 1 for bounded (transformed) parameters, a physical scale for unbounded ones."""
+    scales = []
+    for key in layout.free:
+        lo, hi = layout.bounds(key)
+        if lo is not None or hi is not None:
+            scales.append(1.0)
+        else:
+            scales.append(_UNBOUNDED_STEP.get(layout.spec(key).kind, 1.0))
+    return torch.tensor(scales, dtype=dtype, device=device)
 
 
 def poisson_deviance_residuals(model: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -75,15 +88,7 @@ class FitProblem:
         self.n_free = len(layout.free)
         #: largest step per iteration of each free parameter, in the optimiser's space:
         #: 1 for bounded (transformed) parameters, a physical scale for unbounded ones
-        scales = []
-        for key in layout.free:
-            spec = layout.spec(key)
-            lo, hi = layout.bounds(key)
-            if lo is not None or hi is not None:
-                scales.append(1.0)
-            else:
-                scales.append(_UNBOUNDED_STEP.get(spec.kind, 1.0))
-        self.step_scale = torch.tensor(scales, dtype=batch.images.dtype, device=batch.images.device)
+        self.step_scale = step_scales(layout, batch.images.dtype, batch.images.device)
         self._bounded = [(j, layout.transform(key)) for j, key in enumerate(layout.free)
                          if any(b is not None for b in layout.bounds(key))]
         self._fd_groups = self._component_groups() if jacobian == "finite-difference" else None
