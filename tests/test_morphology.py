@@ -273,8 +273,9 @@ def test_filters_match_scipy():
                                    atol=1e-13)
 
 
-def test_components_match_scipy():
+def test_components_match_scipy(monkeypatch):
     ndi = pytest.importorskip("scipy.ndimage")
+    from galprof.morphology import kernels
     rng = np.random.default_rng(5)
     fg = rng.random((6, 40, 50)) < 0.45
     lab = label_components(torch.tensor(fg)).numpy()
@@ -284,11 +285,15 @@ def test_components_match_scipy():
         pairs = {(a, c) for a, c in zip(ref[fg[i]], lab[i][fg[i]])}
         assert len(pairs) == len({a for a, _ in pairs}) == len({c for _, c in pairs})
         assert np.all(lab[i][~fg[i]] == -1)
-    seed = torch.tensor([int(np.flatnonzero(fg[i])[0]) for i in range(6)])
-    comp = connected_component(torch.tensor(fg), seed).numpy()
-    for i in range(6):
+    seed = torch.tensor([int(np.flatnonzero(fg[i])[0]) for i in range(5)] + [int(np.flatnonzero(~fg[5])[0])])
+    fast = connected_component(torch.tensor(fg), seed).numpy()  # on CPU through scipy.ndimage
+    monkeypatch.setattr(kernels, "_NDIMAGE", [None])
+    comp = connected_component(torch.tensor(fg), seed).numpy()  # the tensor code (GPUs, no SciPy)
+    np.testing.assert_array_equal(fast, comp)
+    for i in range(5):
         ref, _ = ndi.label(fg[i], structure=np.ones((3, 3)))
         np.testing.assert_array_equal(comp[i], ref == ref.flat[int(seed[i])])
+    assert not comp[5].any()  # a seed outside the foreground
 
 
 def test_brentq_matches_scipy():

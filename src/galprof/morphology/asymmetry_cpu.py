@@ -39,14 +39,18 @@ class StampAsymmetry:
     radius : float
         Aperture radius (pixels, finite and positive).
     sky : float
-        Asymmetry per pixel of the sky box (NaN: no correction).
+        Asymmetry per pixel of the sky box (kind "cas") or the sky standard deviation (kind
+        "rms"); NaN: no correction.
+    kind : {"cas", "rms", "shape", "outer"}
+        As :class:`galprof.morphology.asymmetry.AsymmetryFunction`'s kinds ("outer": evaluate
+        with :meth:`weighted`; ``radius`` is the outer semi-major axis).
 
     Pixels are addressed by flat indices into the zero-padded stamp: the window pixel at offset
     ``o`` from the window's origin is at ``origin + o`` and its mirror (through ``2 c``) at
     ``mirror - o``, so the pixels of the aperture and their mirrors are read with one ``take``.
     """
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray, radius: float, sky: float):
+    def __init__(self, image: np.ndarray, mask: np.ndarray, radius: float, sky: float, kind: str = "cas"):
         ny, nx = image.shape
         self.ny, self.nx = ny, nx
         self.r = r = float(radius)
@@ -59,7 +63,11 @@ class StampAsymmetry:
         self.has_mask = bool(mask.any())
         self.usable = np.pad((~mask).astype(np.float64), p).ravel()  # inside the stamp and not masked
         self.unmasked = np.pad((~mask).astype(np.float64), p, constant_values=1.0).ravel()
-        self.sky = 0.0 if not math.isfinite(sky) else float(sky)
+        sky = 0.0 if not math.isfinite(sky) else float(sky)
+        # background terms of (num - area a) / (den - area d)
+        self.sky_a, self.sky_d = {"cas": (sky, 0.0), "outer": (sky, 0.0), "rms": (2 * sky * sky, sky * sky),
+                                  "shape": (0.0, 0.0)}[kind]
+        self.square = kind == "rms"
         # static split of the window: interior (weight 1 for any sub-pixel centre), ring, rest
         u = np.arange(w, dtype=np.float64) - h
         far = np.maximum(np.abs(u), np.abs(u - 1)) + 0.5
@@ -73,6 +81,8 @@ class StampAsymmetry:
         ri = np.flatnonzero(ring)
         self.ni = ii.size
         sup = np.concatenate([ii, ri])
+        self.sup_x = (sup % w - h).astype(np.float64)  # offsets from floor(c)
+        self.sup_y = (sup // w - h).astype(np.float64)
         off = (sup // w) * wp + sup % w  # offsets in the padded stamp
         # image here, and at the four neighbours of the mirror pixel (a, bx, cy, e)
         self.offs = np.stack([off, -off, 1 - off, wp - off, wp + 1 - off])
@@ -117,8 +127,9 @@ class StampAsymmetry:
         planes[3] += a
         planes *= valid
         self.planes = planes
-        absim = np.abs(im, out=im)
+        absim = np.square(im, out=im) if self.square else np.abs(im, out=im)
         absim *= valid
+        self.absim, self.valid = absim, valid
         self.fixed_den = float(absim[:ni].sum())
         self.fixed_area = float(valid[:ni].sum())
         self.ring_vals[0] = absim[ni:]
@@ -156,6 +167,29 @@ class StampAsymmetry:
         np.maximum(area, 0.0, out=area)
         return np.minimum(area, 1.0, out=area)
 
+    def offsets(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets (x, y) of the support's pixels from the centre ``(cx, cy)`` (for weights
+        computed outside, e.g. those of kind "outer", all stamps together)."""
+        return self.sup_x - (cx - math.floor(cx)), self.sup_y - (cy - math.floor(cy))
+
+    def weighted(self, cx: float, cy: float, wgt: np.ndarray) -> float:
+        """The asymmetry about ``(cx, cy)`` with the support's pixels weighted by ``wgt`` (kind
+        "outer": the exact overlaps with the elliptical annulus, which lies within the circle
+        of the outer semi-major axis)."""
+        if not (0.0 <= cx < self.nx and 0.0 <= cy < self.ny):
+            return BAD_VALUE
+        fx, fy = math.floor(cx), math.floor(cy)
+        tx, ty = cx + cx, cy + cy
+        n2x, n2y = math.floor(tx), math.floor(ty)
+        gx, gy = tx - n2x, ty - n2y
+        self._build(fx, fy, n2x, n2y, math.floor(tx + 0.5), math.floor(ty + 0.5))
+        t = np.array([1.0, gx, gy, gx * gy]) @ self.planes
+        np.abs(t, out=t)
+        num, den, area = float(t @ wgt), float(self.absim @ wgt), float(self.valid @ wgt)
+        if den == 0:
+            return BAD_VALUE
+        return (num - area * self.sky_a) / (den - area * self.sky_d)
+
     def __call__(self, cx: float, cy: float) -> float:
         if not (0.0 <= cx < self.nx and 0.0 <= cy < self.ny):
             return BAD_VALUE
@@ -177,7 +211,10 @@ class StampAsymmetry:
         coef[2] = gy
         coef[3] = gx * gy
         t = coef @ self.planes
-        np.abs(t, out=t)
+        if self.square:
+            np.square(t, out=t)
+        else:
+            np.abs(t, out=t)
         wr = self._ring_weights(cx - fx, cy - fy)
         wb = self.wbuf
         wb[self.ni:] = wr
@@ -187,7 +224,7 @@ class StampAsymmetry:
         area += self.fixed_area
         if den == 0:
             return BAD_VALUE
-        return (num - area * self.sky) / den
+        return (num - area * self.sky_a) / (den - area * self.sky_d)
 
 
 def fmin2(f, x0: tuple[float, float], xtol: float = 1e-4, ftol: float = 1e-4, maxiter: int = 400,

@@ -495,10 +495,12 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
 
     clock("shape_segmap_rhalf")
     # --- asymmetries in other apertures -------------------------------------------------------
-    shape_asym = _asymmetry_once("shape", ok & (rmax_circ > 0), seg_shape.to(dt), mask, bt, rmax_circ, xa, ya)
+    fast = opts.cpu_fast_path and torch.device(dev).type == "cpu" and dt == torch.float64
+    shape_asym = _asymmetry_once("shape", ok & (rmax_circ > 0), seg_shape.to(dt), mask, bt, rmax_circ, xa, ya,
+                                 fast=fast)
     outer_asym = _asymmetry_once("outer", ok & (rhalf_ellip > 0) & (rmax_ellip > 0), img, mask, bt, rmax_ellip, xa,
-                                 ya, sky_asym, inner=rhalf_ellip, elongation=el_a, theta=th_a)
-    rms_asym = _asymmetry_once("rms", ok, img, mask, bt, radius, xa, ya, sky_sigma)
+                                 ya, sky_asym, inner=rhalf_ellip, elongation=el_a, theta=th_a, fast=fast)
+    rms_asym = _asymmetry_once("rms", ok, img, mask, bt, radius, xa, ya, sky_sigma, fast=fast)
 
     clock("other_asymmetries")
     # --- Gini segmentation, Gini, M20 ---------------------------------------------------------
@@ -603,12 +605,49 @@ def _groups(radius: torch.Tensor, sel: torch.Tensor, budget: int, most: int | No
     return groups
 
 
+def _asymmetry_once_cpu(kind, idx, img, mask, bt, radius, xa, ya, sky, out, inner=None, elongation=None,
+                        theta=None):
+    """:func:`_asymmetry_once` for the stamps ``idx``, one stamp at a time in NumPy
+    (:mod:`.asymmetry_cpu`); writes into ``out``."""
+    from .asymmetry_cpu import StampAsymmetry
+
+    if idx.numel() == 0:
+        return
+    im, mk = img[idx].numpy(), mask[idx].numpy()
+    ny, nx = bt.ny[idx].tolist(), bt.nx[idx].tolist()
+    rad, cx, cy = radius[idx].tolist(), xa[idx].tolist(), ya[idx].tolist()
+    sk = [float("nan")] * len(rad) if sky is None else sky[idx].tolist()
+    fun = [StampAsymmetry(im[k, :ny[k], :nx[k]], mk[k, :ny[k], :nx[k]], rad[k], sk[k], kind=kind)
+           for k in range(len(rad))]
+    if kind == "outer":  # the annulus' exact weights for all stamps in one call
+        off = [f.offsets(cx[k], cy[k]) for k, f in enumerate(fun)]
+        sizes = [o[0].size for o in off]
+        dx = torch.from_numpy(np.concatenate([o[0] for o in off]))
+        dy = torch.from_numpy(np.concatenate([o[1] for o in off]))
+        rep = lambda v: torch.repeat_interleave(v[idx].to(torch.float64), torch.tensor(sizes))  # noqa: E731
+        e, cs, sn = rep(elongation), rep(torch.cos(theta)), rep(torch.sin(theta))
+        wgt = aperture_weights(dx, dy, rep(radius), e, cs, sn) - aperture_weights(dx, dy, rep(inner), e, cs, sn)
+        parts = torch.split(wgt, sizes)
+        vals = [f.weighted(cx[k], cy[k], parts[k].numpy()) for k, f in enumerate(fun)]
+    else:
+        vals = [f(cx[k], cy[k]) for k, f in enumerate(fun)]
+    out[idx] = torch.tensor(vals, dtype=out.dtype)
+
+
 def _asymmetry_once(kind, sel, img, mask, bt, radius, xa, ya, sky=None, inner=None, elongation=None, theta=None,
-                    budget: int = 2 ** 20):
+                    budget: int = 2 ** 20, fast: bool = False):
     """Asymmetry of kind ``kind`` of the stamps ``sel`` (mask) about ``(xa, ya)``; NaN elsewhere
-    and where it is undefined."""
+    and where it is undefined. ``fast``: one stamp at a time in NumPy (CPU, float64)."""
     out = torch.full((bt.b,), float("nan"), dtype=bt.dtype, device=bt.device)
     pick = lambda t, g: None if t is None else t[g]  # noqa: E731
+    if fast:
+        sel = sel.clone()
+        todo = sel & torch.isfinite(radius) & (radius > 0)
+        if kind == "outer":
+            todo &= torch.isfinite(inner) & torch.isfinite(elongation) & torch.isfinite(theta)
+        _asymmetry_once_cpu(kind, todo.nonzero().squeeze(1), img, mask, bt, radius, xa, ya, sky, out, inner,
+                            elongation, theta)
+        sel &= ~todo
     for g in _groups(radius, sel.nonzero().squeeze(1), budget):
         f = AsymmetryFunction(img[g], mask[g], bt.ny[g], bt.nx[g], radius[g], pick(sky, g), kind=kind,
                               inner=pick(inner, g), elongation=pick(elongation, g), theta=pick(theta, g), cache=False)
