@@ -68,25 +68,25 @@ class RadialProfile:
             rho = torch.sqrt(u * u + v * v)
         rho = torch.where(inside, rho, torch.full_like(rho, float("inf"))).reshape(b, h * w)
         self.rho, order = sort_rows(rho.contiguous())
-        self.order = order
-        self.dx = torch.gather(dx.reshape(b, -1), 1, order)
-        self.dy = torch.gather(dy.reshape(b, -1), 1, order)
+        self.order = order  # (B, N) flat pixel index; offsets from the centre are recomputed from it
+        self.w = w
+        self.xc, self.yc = xc.to(dt), yc.to(dt)
         self.delta = _HALF_DIAG * self.elong
-        self.channels = torch.gather(channels.reshape(b, c, -1), 2, order[:, None, :].expand(b, c, h * w))
-        zero = torch.zeros(b, c, 1, dtype=dt, device=dev)
-        self.cum = torch.cat([zero, torch.cumsum(self.channels, 2)], 2)
-        self.channels_t = self.channels.transpose(1, 2).reshape(b * h * w, c)
+        # sorted channels laid out (B, N, C): a pixel's channels are contiguous
+        chans = channels.reshape(b, c, h * w).transpose(1, 2)
+        self.vals = torch.gather(chans, 1, order[:, :, None].expand(b, h * w, c))
+        zero = torch.zeros(b, 1, c, dtype=dt, device=dev)
+        self.cum = torch.cat([zero, torch.cumsum(self.vals, 1)], 1)  # (B, N + 1, C)
         self.circular = elongation is None
 
     def add_channel(self, image: torch.Tensor) -> int:
         """Append a (B, H, W) image as a new channel; returns its index."""
         b = image.shape[0]
-        ch = torch.gather(image.reshape(b, -1), 1, self.order)[:, None]
-        self.channels = torch.cat([self.channels, ch], 1)
+        ch = torch.gather(image.reshape(b, -1), 1, self.order)[:, :, None]
+        self.vals = torch.cat([self.vals, ch], 2)
         zero = torch.zeros(b, 1, 1, dtype=self.dtype, device=self.device)
-        self.cum = torch.cat([self.cum, torch.cat([zero, torch.cumsum(ch, 2)], 2)], 1)
-        self.channels_t = self.channels.transpose(1, 2).reshape(-1, self.channels.shape[1])
-        return self.channels.shape[1] - 1
+        self.cum = torch.cat([self.cum, torch.cat([zero, torch.cumsum(ch, 1)], 1)], 2)
+        return self.vals.shape[2] - 1
 
     def sums(self, a: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Exact sums of every channel over the ellipses of semi-major axis ``a`` (B', Q) of the
@@ -96,7 +96,7 @@ class RadialProfile:
         their exact overlaps computed once and summed back per pair (one host read for the
         total count)."""
         b_all, n = self.rho.shape
-        c = self.channels.shape[1]
+        c = self.vals.shape[2]
         if index is None:
             index = torch.arange(b_all, device=self.device)
         a = a.to(self.dtype)
@@ -109,9 +109,10 @@ class RadialProfile:
         delta = self.delta[:, None]
         k0 = torch.searchsorted(self.rho, (full - delta).contiguous())[index]
         k1 = torch.searchsorted(self.rho, (full + delta).contiguous())[index]
-        # prefix sums below the ring, read from the flat (B * C, N + 1) table without copying rows
-        rows = (index[:, None] * c + torch.arange(c, device=self.device)[None, :]) * (n + 1)  # (bq, C)
-        base = self.cum.reshape(-1).index_select(0, (rows[:, :, None] + k0[:, None, :]).reshape(-1)).view(bq, c, q)
+        # prefix sums below the ring, read from the flat cumulative table without copying rows
+        pos0 = (index[:, None] * (n + 1) + k0)[:, None, :] * c  # (bq, 1, Q) into the flat (B, N + 1, C) table
+        chan = torch.arange(c, device=self.device)[None, :, None]
+        base = self.cum.reshape(-1).index_select(0, (pos0 + chan).reshape(-1)).view(bq, c, q)
         counts = (k1 - k0).reshape(-1)
         total = int(counts.sum())
         if total == 0:
@@ -121,14 +122,15 @@ class RadialProfile:
         pos = k0.reshape(-1)[pair] + torch.arange(total, device=self.device) - start[pair]
         stamp = index[pair // q]
         flat = stamp * n + pos
-        dx = self.dx.reshape(-1).index_select(0, flat)
-        dy = self.dy.reshape(-1).index_select(0, flat)
+        pix = self.order.reshape(-1).index_select(0, flat)
+        dx = (pix % self.w).to(self.dtype) - self.xc[stamp]
+        dy = (pix // self.w).to(self.dtype) - self.yc[stamp]
         ap = a.reshape(-1)[pair]
         if self.circular:
             w = circle_pixel_overlap(dx, dy, ap)
         else:
             w = ellipse_pixel_overlap(dx, dy, ap, self.elong[stamp], self.cos[stamp], self.sin[stamp])
-        vals = self.channels_t.index_select(0, flat)  # (T, C)
+        vals = self.vals.reshape(b_all * n, c).index_select(0, flat)  # (T, C)
         ring = torch.zeros(bq * q, c, dtype=self.dtype, device=self.device)
         ring.index_add_(0, pair, vals * w[:, None])
         return base + ring.view(bq, q, c).transpose(1, 2)
