@@ -95,7 +95,15 @@ def gaussian_filter(x: torch.Tensor, sigma: torch.Tensor, truncate: float = 4.0)
     """Gaussian smoothing of each stamp with its own ``sigma`` (pixels), zero outside the
     canvas ("constant" boundary, value 0), kernel truncated at ``int(truncate * sigma + 0.5)``
     pixels and normalised to unit sum, as ``scipy.ndimage.gaussian_filter(mode="constant")``.
-    Pixels of the canvas outside a stamp must already be zero."""
+    Pixels of the canvas outside a stamp must already be zero. On CPU with SciPy installed,
+    ``scipy.ndimage.gaussian_filter`` itself (stamp by stamp)."""
+    ndi = _ndimage() if _numpy_sortable(x.flatten(1)) else None
+    if ndi is not None:
+        xn = x.numpy()
+        out = np.empty_like(xn)
+        for i, si in enumerate(sigma.tolist()):
+            ndi.gaussian_filter(xn[i], si, mode="constant", truncate=truncate, output=out[i])
+        return torch.from_numpy(out)
     radius = torch.floor(truncate * sigma + 0.5).to(torch.long)
     rmax = int(radius.max())
     k = torch.arange(-rmax, rmax + 1, device=x.device, dtype=x.dtype)
@@ -111,11 +119,20 @@ def uniform_filter(x: torch.Tensor, size: torch.Tensor, ny: torch.Tensor, nx: to
     """Box (mean) filter of width ``size[b]`` pixels on each stamp, reflected at the stamp's own
     edges (``ny[b]`` rows, ``nx[b]`` columns), as ``scipy.ndimage.uniform_filter(mode="reflect")``;
     the window of output pixel ``j`` is ``[j - size // 2, j - size // 2 + size - 1]``. Stamps with
-    ``size <= 1`` are returned unchanged. Canvas pixels outside a stamp come back as garbage."""
+    ``size <= 1`` are returned unchanged. Canvas pixels outside a stamp come back as garbage.
+    On CPU with SciPy installed, ``scipy.ndimage.uniform_filter`` itself (stamp by stamp)."""
     size = size.to(torch.long)
     smax = int(size.max())
     if smax <= 1:
         return x.clone()
+    ndi = _ndimage() if _numpy_sortable(x.flatten(1)) else None
+    if ndi is not None:
+        xn = x.numpy()
+        out = xn.copy()
+        for i, (si, yi, xi) in enumerate(zip(size.tolist(), ny.tolist(), nx.tolist())):
+            if si > 1 and yi > 0 and xi > 0:
+                ndi.uniform_filter(xn[i, :yi, :xi], si, mode="reflect", output=out[i, :yi, :xi])
+        return torch.from_numpy(out)
     out = x
     for axis, n in ((-2, ny), (-1, nx)):
         out = _box_axis(out, size, n.to(torch.long), smax, axis)
