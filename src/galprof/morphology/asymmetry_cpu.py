@@ -17,6 +17,7 @@ rounding (tests/test_morphology.py).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -25,6 +26,13 @@ __all__ = ["StampAsymmetry", "fmin2"]
 
 BAD_VALUE = 100.0  # as asymmetry.BAD_VALUE
 _PI8 = 0.125 * math.pi
+
+
+def _pad(a: np.ndarray, p: int, value: float) -> np.ndarray:
+    """``a`` (2-D) padded by ``p`` pixels of ``value`` on every side, flattened."""
+    out = np.full((a.shape[0] + 2 * p, a.shape[1] + 2 * p), value)
+    out[p:p + a.shape[0], p:p + a.shape[1]] = a
+    return out.ravel()
 
 
 class StampAsymmetry:
@@ -58,16 +66,13 @@ class StampAsymmetry:
         self.h, self.w = h, w = h, 2 * h + 2
         self.p = p = h + 3
         self.wp = wp = nx + 2 * p
-        self.img = np.pad(np.asarray(image, dtype=np.float64), p).ravel()
+        self.img = _pad(np.asarray(image, dtype=np.float64), p, 0.0)
         mask = np.asarray(mask, dtype=bool)
         self.has_mask = bool(mask.any())
-        self.usable = np.pad((~mask).astype(np.float64), p).ravel()  # inside the stamp and not masked
-        self.unmasked = np.pad((~mask).astype(np.float64), p, constant_values=1.0).ravel()
-        sky = 0.0 if not math.isfinite(sky) else float(sky)
-        # background terms of (num - area a) / (den - area d)
-        self.sky_a, self.sky_d = {"cas": (sky, 0.0), "outer": (sky, 0.0), "rms": (2 * sky * sky, sky * sky),
-                                  "shape": (0.0, 0.0)}[kind]
-        self.square = kind == "rms"
+        keep = (~mask).astype(np.float64)
+        self.usable = _pad(keep, p, 0.0)  # inside the stamp and not masked
+        self.unmasked = _pad(keep, p, 1.0) if self.has_mask else None
+        self._set_kind(kind, sky)
         # static split of the window: interior (weight 1 for any sub-pixel centre), ring, rest
         u = np.arange(w, dtype=np.float64) - h
         far = np.maximum(np.abs(u), np.abs(u - 1)) + 0.5
@@ -104,6 +109,26 @@ class StampAsymmetry:
         self.wbuf = np.ones(sup.size)
         self.ring_vals = np.empty((2, k))
         self.key = None
+
+    def _set_kind(self, kind: str, sky: float):
+        sky = 0.0 if not math.isfinite(sky) else float(sky)
+        # background terms of (num - area a) / (den - area d)
+        self.sky_a, self.sky_d = {"cas": (sky, 0.0), "outer": (sky, 0.0), "rms": (2 * sky * sky, sky * sky),
+                                  "shape": (0.0, 0.0)}[kind]
+        self.square = kind == "rms"
+
+    def as_kind(self, kind: str, sky: float) -> StampAsymmetry:
+        """The same stamp and aperture with another circular kind and sky term (shares the
+        padded stamp and the aperture's layout)."""
+        other = copy.copy(self)
+        other._set_kind(kind, sky)
+        other.key = None
+        other.coef = np.ones(4)
+        other.wbuf = np.ones(self.wbuf.size)
+        other.ring_vals = np.empty_like(self.ring_vals)
+        other.fr, other.z, other.tmp, other.q = (np.empty_like(a) for a in (self.fr, self.z, self.tmp, self.q))
+        other.base = np.zeros_like(self.base)
+        return other
 
     # -- planes of a quarter-pixel cell --
     def _build(self, fx: int, fy: int, n2x: int, n2y: int, m2x: int, m2y: int):

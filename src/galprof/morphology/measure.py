@@ -400,7 +400,8 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     clock("rpetro_centroid")
     # --- asymmetry centre ------------------------------------------------------------------
     radius = opts.petro_extent_cas * rp_c
-    xa, ya, a_val, flag = _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag)
+    cas_funs: dict = {}  # CPU path: each stamp's asymmetry function, reused for the RMS asymmetry
+    xa, ya, a_val, flag = _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag, cas_funs)
     aidx = ya.floor().long().clamp(0, bt.h - 1) * w + xa.floor().long().clamp(0, w - 1)
     flag = _set(flag, ok & (flat.gather(1, aidx[:, None]).squeeze(1) == 0), MorphFlag.ASYM_CENTROID)
     e_a, el_a, th_a, badmom = _shape(*_moments(nobg, x, y, xa, ya))
@@ -500,7 +501,7 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
                                  fast=fast)
     outer_asym = _asymmetry_once("outer", ok & (rhalf_ellip > 0) & (rmax_ellip > 0), img, mask, bt, rmax_ellip, xa,
                                  ya, sky_asym, inner=rhalf_ellip, elongation=el_a, theta=th_a, fast=fast)
-    rms_asym = _asymmetry_once("rms", ok, img, mask, bt, radius, xa, ya, sky_sigma, fast=fast)
+    rms_asym = _asymmetry_once("rms", ok, img, mask, bt, radius, xa, ya, sky_sigma, fast=fast, reuse=cas_funs)
 
     clock("other_asymmetries")
     # --- Gini segmentation, Gini, M20 ---------------------------------------------------------
@@ -606,9 +607,10 @@ def _groups(radius: torch.Tensor, sel: torch.Tensor, budget: int, most: int | No
 
 
 def _asymmetry_once_cpu(kind, idx, img, mask, bt, radius, xa, ya, sky, out, inner=None, elongation=None,
-                        theta=None):
+                        theta=None, reuse=None):
     """:func:`_asymmetry_once` for the stamps ``idx``, one stamp at a time in NumPy
-    (:mod:`.asymmetry_cpu`); writes into ``out``."""
+    (:mod:`.asymmetry_cpu`); writes into ``out``. ``reuse``: stamp -> asymmetry function of the
+    same image and aperture (another kind), whose layout is shared."""
     from .asymmetry_cpu import StampAsymmetry
 
     if idx.numel() == 0:
@@ -617,8 +619,11 @@ def _asymmetry_once_cpu(kind, idx, img, mask, bt, radius, xa, ya, sky, out, inne
     ny, nx = bt.ny[idx].tolist(), bt.nx[idx].tolist()
     rad, cx, cy = radius[idx].tolist(), xa[idx].tolist(), ya[idx].tolist()
     sk = [float("nan")] * len(rad) if sky is None else sky[idx].tolist()
-    fun = [StampAsymmetry(im[k, :ny[k], :nx[k]], mk[k, :ny[k], :nx[k]], rad[k], sk[k], kind=kind)
-           for k in range(len(rad))]
+    reuse = reuse or {}
+    ids = idx.tolist()
+    fun = [reuse[i].as_kind(kind, sk[k]) if i in reuse and reuse[i].r == rad[k] else
+           StampAsymmetry(im[k, :ny[k], :nx[k]], mk[k, :ny[k], :nx[k]], rad[k], sk[k], kind=kind)
+           for k, i in enumerate(ids)]
     if kind == "outer":  # the annulus' exact weights for all stamps in one call
         off = [f.offsets(cx[k], cy[k]) for k, f in enumerate(fun)]
         sizes = [o[0].size for o in off]
@@ -635,7 +640,7 @@ def _asymmetry_once_cpu(kind, idx, img, mask, bt, radius, xa, ya, sky, out, inne
 
 
 def _asymmetry_once(kind, sel, img, mask, bt, radius, xa, ya, sky=None, inner=None, elongation=None, theta=None,
-                    budget: int = 2 ** 20, fast: bool = False):
+                    budget: int = 2 ** 20, fast: bool = False, reuse: dict | None = None):
     """Asymmetry of kind ``kind`` of the stamps ``sel`` (mask) about ``(xa, ya)``; NaN elsewhere
     and where it is undefined. ``fast``: one stamp at a time in NumPy (CPU, float64)."""
     out = torch.full((bt.b,), float("nan"), dtype=bt.dtype, device=bt.device)
@@ -646,7 +651,7 @@ def _asymmetry_once(kind, sel, img, mask, bt, radius, xa, ya, sky=None, inner=No
         if kind == "outer":
             todo &= torch.isfinite(inner) & torch.isfinite(elongation) & torch.isfinite(theta)
         _asymmetry_once_cpu(kind, todo.nonzero().squeeze(1), img, mask, bt, radius, xa, ya, sky, out, inner,
-                            elongation, theta)
+                            elongation, theta, reuse)
         sel &= ~todo
     for g in _groups(radius, sel.nonzero().squeeze(1), budget):
         f = AsymmetryFunction(img[g], mask[g], bt.ny[g], bt.nx[g], radius[g], pick(sky, g), kind=kind,
@@ -655,7 +660,7 @@ def _asymmetry_once(kind, sel, img, mask, bt, radius, xa, ya, sky=None, inner=No
     return out.masked_fill_(out == 100.0, float("nan"))
 
 
-def _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag):
+def _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag, keep=None):
     """statmorph's asymmetry centre: simplex from the centroid; if it ends farther than
     ``petro_fraction_cas * rpetro`` away, again from the brightest pixel; if that drifts too,
     the centroid (flagged). Stamps are searched in chunks of similar aperture size."""
@@ -666,9 +671,11 @@ def _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag
     if idx_all.numel() == 0:
         return xa, ya, aval, flag
     drift = opts.petro_fraction_cas * rp_c
+    keep = {} if keep is None else keep
     if opts.cpu_fast_path and torch.device(dev).type == "cpu" and dt == torch.float64:
         fin = torch.isfinite(radius[idx_all]) & (radius[idx_all] > 0)
-        _asymmetry_center_cpu(bt, opts, idx_all[fin], radius, sky_asym, xc, yc, xb, yb, drift, xa, ya, aval, flag)
+        _asymmetry_center_cpu(bt, opts, idx_all[fin], radius, sky_asym, xc, yc, xb, yb, drift, xa, ya, aval, flag,
+                              keep)
         idx_all = idx_all[~fin]
     order = idx_all[torch.argsort(radius[idx_all])]
     for s in range(0, order.numel(), opts.chunk):
@@ -700,9 +707,10 @@ def _asymmetry_center(bt, opts, ok, radius, sky_asym, xc, yc, xb, yb, rp_c, flag
     return xa, ya, aval, flag
 
 
-def _asymmetry_center_cpu(bt, opts, idx, radius, sky_asym, xc, yc, xb, yb, drift, xa, ya, aval, flag):
+def _asymmetry_center_cpu(bt, opts, idx, radius, sky_asym, xc, yc, xb, yb, drift, xa, ya, aval, flag, keep):
     """:func:`_asymmetry_center` for the stamps ``idx``, one stamp at a time in NumPy
-    (:mod:`.asymmetry_cpu`); fills ``xa``, ``ya``, ``aval`` and ``flag`` in place."""
+    (:mod:`.asymmetry_cpu`); fills ``xa``, ``ya``, ``aval``, ``flag`` and ``keep`` (stamp ->
+    its asymmetry function, for the RMS asymmetry in the same aperture) in place."""
     from .asymmetry_cpu import StampAsymmetry, fmin2
 
     if idx.numel() == 0:
@@ -731,6 +739,7 @@ def _asymmetry_center_cpu(bt, opts, idx, radius, sky_asym, xc, yc, xb, yb, drift
                 best = best2
         res.append((best[0], best[1], fun(*best)))
         fl.append(bits)
+        keep[ids[k]] = fun
     r = torch.tensor(res, dtype=bt.dtype)
     xa[idx], ya[idx], aval[idx] = r[:, 0], r[:, 1], r[:, 2]
     flag[idx] = flag[idx] | torch.tensor(fl, dtype=flag.dtype)
