@@ -231,8 +231,10 @@ def _shape(x2, xy, y2):
     """statmorph's regularised covariance -> ellipticity, elongation, orientation (radians)."""
     rho = 1.0 / 12.0
     bad = (x2 <= 0) | (y2 <= 0)
-    for _ in range(200):
+    for it in range(200):
         small = (x2 * y2 - xy * xy).abs() < rho * rho
+        if it % 8 == 0 and not bool(small.any()):  # nothing left to regularise (a host read every 8 rounds)
+            break
         x2 = torch.where(small, x2 + torch.where(x2 >= 0, rho, -rho), x2)
         y2 = torch.where(small, y2 + torch.where(y2 >= 0, rho, -rho), y2)
     half = 0.5 * (x2 + y2)
@@ -275,7 +277,7 @@ def _skybox(bt: _Batch, size0: int):
             i0 = torch.where(new, first // ww, i0)
             j0 = torch.where(new, first % ww, j0)
             found = found | anyok
-        if s <= 2:
+        if s <= 2 or bool(found.all()):  # smaller boxes only for stamps without one
             break
         s //= 2
     return found, size, i0, j0
