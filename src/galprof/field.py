@@ -61,13 +61,18 @@ class FieldOptions:
     Attributes
     ----------
     window_flux : fraction of each component's light (along its major axis) that its source's
-        window must hold; the window's half-size is that radius plus the PSF's half-size.
+        window holds at most; the window's half-size is that radius plus the PSF's half-size ...
+    window_level : ... or, when smaller, the radius where the component's surface brightness
+        falls below ``window_level`` times the field's median sigma per pixel (but at least the
+        radius holding 80% of its light). None: by ``window_flux`` alone. Light left out is
+        then below half a percent of the noise in every pixel.
     min_size, max_size : smallest and largest window side (pixels).
     passes : times the windows are re-planned from the fitted parameters (each pass continues
         the fit from where the previous one ended; it stops early when no window changes).
     """
 
-    window_flux: float = 0.995
+    window_flux: float = 0.999
+    window_level: float | None = 0.005
     min_size: int = 16
     max_size: int = 1024
     passes: int = 3
@@ -100,10 +105,16 @@ def split_model(model: Model) -> tuple[Model, Model | None]:
     return Model(src, model.zeropoint), (Model(sky, model.zeropoint) if sky else None)
 
 
-def source_radii(template: Model, values: Mapping[str, torch.Tensor], fraction: float) -> np.ndarray:
-    """(N,) semi-major radius (pixels) holding ``fraction`` of the light of each source's
-    largest component (by numerical integration of its radial profile; infinite when the
-    profile's tail holds more than ``1 - fraction`` beyond 10^4 core radii)."""
+def source_radii(template: Model, values: Mapping[str, torch.Tensor], fraction: float, *,
+                 level: float | None = None, floor: float = 0.8) -> np.ndarray:
+    """(N,) semi-major radius (pixels) of each source's window, the largest over its components.
+
+    A component's radius holds ``fraction`` of its light (by numerical integration of its
+    radial profile; infinite when more than ``1 - fraction`` lies beyond 10^4 core radii).
+    With ``level`` (surface brightness per pixel, e.g. a small fraction of the noise), the
+    radius stops where the component falls below that level along its major axis, but holds at
+    least ``floor`` of its light: faint sources get small windows, bright ones large.
+    """
     n = next(iter(values.values())).shape[0]
     out = torch.zeros(n, dtype=torch.float64)
     for comp in template.components:
@@ -116,15 +127,27 @@ def source_radii(template: Model, values: Mapping[str, torch.Tensor], fraction: 
         r0 = prof.radii(p)[0].clamp(min=1e-3)
         grid = r0[:, None] * torch.logspace(-4, 4, 1601, dtype=torch.float64)[None]
         pe = {k: v[:, None] for k, v in p.items()}
-        f = prof.radial(grid, pe) * grid * grid        # d(flux)/d(ln r), up to 2 pi
-        seg = 0.5 * (f[:, 1:] + f[:, :-1]) * torch.diff(torch.log(grid), dim=1)
+        f = prof.radial(grid, pe)
+        dflux = f * grid * grid        # d(flux)/d(ln r), up to 2 pi
+        seg = 0.5 * (dflux[:, 1:] + dflux[:, :-1]) * torch.diff(torch.log(grid), dim=1)
         cum = torch.cat([torch.zeros(n, 1, dtype=torch.float64), torch.cumsum(seg, dim=1)], dim=1)
-        total = torch.exp(prof.log_radial_integral(p)) / (2 * math.pi)
-        reached = cum >= fraction * total[:, None]
-        first = torch.where(reached.any(dim=1), reached.to(torch.int64).argmax(dim=1),
-                            torch.full((n,), -1, dtype=torch.int64))
-        r = torch.where(first >= 0, grid[torch.arange(n), first.clamp(min=0)],
-                        torch.full((n,), float("inf"), dtype=torch.float64))
+        log_norm = prof.log_radial_integral(p)
+        total = torch.exp(log_norm) / (2 * math.pi)
+
+        def radius_at(reached, grid=grid):
+            first = torch.where(reached.any(dim=1), reached.to(torch.int64).argmax(dim=1),
+                                torch.full((n,), -1, dtype=torch.int64))
+            return torch.where(first >= 0, grid[torch.arange(n), first.clamp(min=0)],
+                               torch.full((n,), float("inf"), dtype=torch.float64))
+
+        r = radius_at(cum >= fraction * total[:, None])
+        if level is not None:
+            flux = 10 ** (-0.4 * (values[f"{comp.name}.mag"].detach().to("cpu", torch.float64) - template.zeropoint))
+            q = values[f"{comp.name}.q"].detach().to("cpu", torch.float64)
+            sb = (flux / (q * torch.exp(log_norm)))[:, None] * f            # per pixel, on the major axis
+            r_sb = radius_at((sb < level) & (grid > r0[:, None]))
+            r_min = radius_at(cum >= floor * total[:, None])
+            r = torch.minimum(r, torch.maximum(r_sb, r_min))
         out = torch.maximum(out, r)
     return out.numpy()
 
@@ -491,6 +514,11 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
     if psf is not None:
         psf_half = int(math.ceil(max(psf.shape) / 2 / int(psf_oversampling)))
     H, W = img.shape
+    good = wts > 0
+    noise = float(torch.median(wts[good].rsqrt())) if bool(good.any()) else 1.0
+    if lm_options is None:
+        # a field's chi2 sums many pixels: stop when a step gains less than 0.01 in chi2
+        lm_options = LMOptions(chi2_atol=0.01)
     total_iter = 0
     windows, status, chi2 = None, int(Status.MAX_ITER), float("nan")
     problem = None
@@ -501,7 +529,9 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
         yk = [k for k in src_layout.keys if src_layout.spec(k).kind == "y"]
         x = vals[xk[0]].detach().cpu().numpy() if xk else np.full(N, (W + 1) / 2)
         y = vals[yk[0]].detach().cpu().numpy() if yk else np.full(N, (H + 1) / 2)
-        new = plan_windows(x, y, source_radii(template, vals, o.window_flux), psf_half, (H, W), o)
+        level = None if o.window_level is None else o.window_level * noise
+        radii = source_radii(template, vals, o.window_flux, level=level)
+        new = plan_windows(x, y, radii, psf_half, (H, W), o)
         if windows is not None:
             # a window that is large enough and still about centred on its source is kept
             centre_new = new[:, :2] + new[:, 2:] // 2
@@ -536,10 +566,16 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
     P = problem.n_free
     if uncertainty == "covariance" and P and status != int(Status.NONFINITE):
         A, _, _ = problem.normal_equations(z)
-        L, info = torch.linalg.cholesky_ex(A[0])
+        # parameters pinned at a bound (saturated transform: no information in z) are held
+        # fixed, so that one source at a bound leaves every other source its errors
+        pinned = problem.at_bound(z)[0]
+        keep = torch.nonzero(~pinned).reshape(-1)
+        L, info = torch.linalg.cholesky_ex(A[0][keep][:, keep])
         if int(info) == 0:
-            cz = torch.cholesky_inverse(L)
+            cz = torch.zeros(P, P, dtype=torch.float64, device=z.device)
+            cz[keep[:, None], keep[None, :]] = torch.cholesky_inverse(L)
             Pt, Ps = problem.Pt, problem.Ps
+            pinned_np = pinned.cpu().numpy()
             Gs = _physical_jacobian(src_layout, Z.to(torch.float64), torch.arange(N, device=Z.device),
                                     keys_src)                                          # (N, Ks, Pt)
             if Ps:
@@ -552,7 +588,12 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
                 G[:len(keys_src), :Pt] = Gs[i]
                 if Ps:
                     G[len(keys_src):, Pt:] = Gk
-                cov[i] = (G @ c @ G.T).cpu().numpy()
+                ci = (G @ c @ G.T).cpu().numpy()
+                for j in np.nonzero(pinned_np[rows])[0]:         # no error for a pinned parameter
+                    hit = (G[:, j] != 0).cpu().numpy()
+                    ci[hit, :] = np.nan
+                    ci[:, hit] = np.nan
+                cov[i] = ci
         else:
             flags |= int(Flag.SINGULAR)
             messages = ["singular normal matrix: no covariance"] * N

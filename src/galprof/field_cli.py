@@ -38,8 +38,11 @@ def add_field_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--field", action="store_true",
                    help="fit every source of --image (or of the FITS image given instead of a model) together, "
                         "with a shared sky: one component per source, from --catalog positions or from detection")
-    g.add_argument("--window-flux", type=float, default=0.995,
-                   help="fields: fraction of each source's light its fitting window holds (default %(default)s)")
+    g.add_argument("--window-flux", type=float, default=0.999,
+                   help="fields: largest fraction of each source's light its window holds (default %(default)s)")
+    g.add_argument("--window-level", type=float, default=0.005,
+                   help="fields: windows end where a source falls below this many sigma per pixel, holding at "
+                        "least 80%% of its light (0: by --window-flux alone; default %(default)s)")
 
 
 def _sky_and_sigma(image, mask, args, header):
@@ -115,12 +118,13 @@ def run_field_fit(args, model) -> int:
     t_detect = time.perf_counter() - t0
     log.info("field %s: %d sources (%s), %d x %d pixels", args.image, len(ids),
              "catalogue" if args.catalog else "detected", image.shape[1], image.shape[0])
-    lm = LMOptions(max_iter=args.max_iter) if args.max_iter else None
+    lm = LMOptions(max_iter=args.max_iter, chi2_atol=0.01) if args.max_iter else None
     uncertainty = args.uncertainty if args.uncertainty in ("covariance", "none") else None
     if uncertainty is None:
         raise DataError(f"--uncertainty {args.uncertainty} is not available for fields (covariance or none)")
+    options = FieldOptions(window_flux=args.window_flux, window_level=args.window_level or None)
     res = fit_field(model, image, sigma, mask, psf, sources=sources, ids=ids, psf_kind=args.psf_kind,
-                    psf_oversampling=args.psf_oversampling, options=FieldOptions(window_flux=args.window_flux),
+                    psf_oversampling=args.psf_oversampling, options=options,
                     lm_options=lm, uncertainty=uncertainty, dtype=_DTYPES[args.dtype], device=args.device)
     t_fit = time.perf_counter() - t0 - t_detect
     table: Table = res.to_table()

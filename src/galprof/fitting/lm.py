@@ -21,7 +21,9 @@ class LMOptions:
     max_iter : int
         Iteration cap (each iteration is one trial step per galaxy).
     ftol : float
-        Converged when an accepted step lowers chi2 by less than ``ftol`` (relative) ...
+        Converged when an accepted step lowers chi2 by less than ``ftol`` (relative) or by
+        less than ``chi2_atol`` (absolute; 0 by default, set for fields whose chi2 sums
+        hundreds of thousands of pixels, where a relative change means nothing) ...
     xtol : float
         ... or moves every unconstrained parameter by less than ``xtol (|z| + xtol)``.
     lambda0, lambda_up, lambda_down, lambda_max : float
@@ -31,6 +33,7 @@ class LMOptions:
 
     max_iter: int = 100
     ftol: float = 1e-9
+    chi2_atol: float = 0.0
     xtol: float = 1e-8
     lambda0: float = 1e-3
     lambda_up: float = 10.0
@@ -122,7 +125,7 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         chi2_try = (r_try * r_try).sum(1)
         old = chi2[idx]
         accept = solvable & torch.isfinite(chi2_try) & (chi2_try <= old)
-        small_f = (old - chi2_try) <= o.ftol * old
+        small_f = (old - chi2_try) <= torch.clamp(o.ftol * old, min=o.chi2_atol)
         small_x = (step.abs() <= o.xtol * (z[idx].abs() + o.xtol)).all(dim=1)
         done = (accept & (small_f | small_x)) | (~accept & (lami * o.lambda_up > o.lambda_max))
         z[idx] = torch.where(accept[:, None], z_try, z[idx])
