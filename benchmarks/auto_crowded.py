@@ -75,6 +75,7 @@ class Stamp:
     min_overlap: float  # smallest u = distance / (re_t + re_nb) among neighbours (inf if none)
     other: np.ndarray  # the true light of the neighbours and stars
     starts_truth: dict = field(default_factory=dict)
+    target_light: np.ndarray | None = None  # the true light of the target
 
 
 def simulate(n: int, seed: int = 7, placement: str = "clustered") -> tuple[list[Stamp], np.ndarray]:
@@ -146,7 +147,7 @@ def simulate(n: int, seed: int = 7, placement: str = "clustered") -> tuple[list[
               "g.n": 2.0, "g.q": 0.7, "g.pa": t["pa"] + rng.uniform(-20, 20), "sky.sky": 0.0}
         out.append(Stamp(image=image, sigma=sigma, truth=t, perfect_mask=other > 0.5 * SKY_SIGMA, n_neighbours=k,
                          n_stars=s_count, min_overlap=min(overlaps) if overlaps else math.inf, other=other,
-                         starts_truth=st))
+                         starts_truth=st, target_light=target))
     return out, psf
 
 

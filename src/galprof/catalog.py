@@ -118,9 +118,17 @@ class InputOptions:
     auto_starts: bool | None = None
     auto_mask: bool | None = None
     detect: DetectOptions = field(default_factory=DetectOptions)
+    #: starting values: ``moments`` (galprof.detect), ``nn`` (the network of galprof.nn), ``auto``
+    #: (the network where the stamp matches its training survey); ``mask_nn``: the mask network's
+    #: mask of the other sources instead of sep's; ``nn_weights``: weights file (None: shipped)
+    init: str = "moments"
+    mask_nn: bool = False
+    nn_weights: str | None = None
 
     def validate(self) -> None:
         self.detect.validate()
+        if self.init not in ("auto", "moments", "nn"):
+            raise DataError(f"--init {self.init!r} is not one of auto, moments, nn")
         if self.detect.neighbours:
             raise DataError("fitting neighbours as components needs a model per galaxy: use galprof fit IMAGE.fits "
                             "(one image) or galprof.detect.auto_inputs, not a catalogue run")
@@ -348,12 +356,29 @@ class Catalog:
         self._big = _LRU(8)
         self._wcs_lock = threading.Lock()
         self._wcs: dict = {}
+        self._nn = None
+        self._nn_lock = threading.Lock()
+        o = self.options
+        if o.init != "moments" and not self.auto_starts:
+            raise DataError(f"--init {o.init} gives automatic starts: it needs them on (not --no-auto-starts)")
+        if o.mask_nn and not self.auto_mask:
+            raise DataError("--mask nn is an automatic mask: it needs them on (not --no-auto-mask)")
+
+    def _predictor(self):
+        """The networks of galprof.nn (loaded once per process)."""
+        with self._nn_lock:
+            if self._nn is None:
+                from .nn.infer import load_predictor
+
+                self._nn = load_predictor(self.options.nn_weights)
+            return self._nn
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getstate__(self) -> dict:  # picklable: the caches (open files, locks) stay behind
-        return {k: v for k, v in self.__dict__.items() if k not in ("_psfs", "_big", "_wcs_lock", "_wcs")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_psfs", "_big", "_wcs_lock", "_wcs", "_nn",
+                                                                    "_nn_lock")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -550,10 +575,24 @@ class Catalog:
         if r.target is None:
             s.note(Flag.NO_DETECTION, "")
             return
+        mask, auto_starts = r.mask, r.starts
+        if self.options.init != "moments" or (self.options.mask_nn and use_mask):
+            from .nn.hook import network_inputs
+
+            try:
+                mask, auto_starts, notes = network_inputs(
+                    self._predictor(), image=s.image, sigma=s.sigma, bad=s.mask, psf=s.psf, auto=r,
+                    model=self.model, given=given | self.tied, init=self.options.init,
+                    mask_nn=self.options.mask_nn and use_mask,
+                    pixel_scale=None if not math.isfinite(s.pixel_scale) else s.pixel_scale)
+            except GalprofError as exc:
+                notes = [f"networks not used ({exc})"]
+            for note in notes:
+                s.message = "; ".join(m for m in (s.message, note) if m)
         if use_mask:
-            s.mask = s.mask | r.mask
+            s.mask = s.mask | mask
         if self.auto_starts:
-            starts.update(r.starts)
+            starts.update(auto_starts)
 
     def _read_map(self, spec: str, what: str, shape, window, fill=1.0) -> np.ndarray:
         """A sigma, weight or mask map: the whole file (stamps) or the cutout's window of it."""

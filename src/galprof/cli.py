@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="one (large) image for every row: sources are cut out of it (see --cutout)")
     g.add_argument("--sigma", help="sigma map (same shape as the image)")
     g.add_argument("--weight", help="weight map, 1/sigma^2 (0 = no data)")
-    g.add_argument("--mask", help="mask (nonzero = bad) or segmentation map (with mask_label)")
+    g.add_argument("--mask", help="mask (nonzero = bad) or segmentation map (with mask_label); 'nn': the automatic "
+                                  "mask of the other sources from the mask network (docs/nn_init.md)")
     g.add_argument("--mask-mode", choices=["background", "exclusive"], default="background",
                    help="with mask_label: mask the other sources (background) or all but the target (exclusive)")
     g.add_argument("--psf", help="PSF for every galaxy without a psf column")
@@ -140,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     from .detect_cli import add_parser as add_detect_parser
 
     add_detect_parser(sub)
+    from .nn.cli import add_parser as add_train_init_parser
+
+    add_train_init_parser(sub)
     return p
 
 
@@ -211,7 +215,10 @@ def _fit(args) -> int:
             raise GalprofError(f"--{name} is for galprof fit IMAGE.fits; a catalogue gives positions in x, y columns")
     model = load_model(args.model)
     cutout = args.cutout if args.cutout is not None else ("auto" if args.image else None)
-    inputs = InputOptions(image=args.image, sigma=args.sigma, weight=args.weight, psf=args.psf, mask=args.mask,
+    mask_nn = args.mask == "nn"
+    inputs = InputOptions(image=args.image, sigma=args.sigma, weight=args.weight, psf=args.psf,
+                          mask=None if mask_nn else args.mask, init=args.init, mask_nn=mask_nn,
+                          nn_weights=args.init_weights,
                           mask_mode=args.mask_mode, zeropoint=args.zeropoint, pixel_scale=args.pixel_scale,
                           gain=args.gain, read_noise=args.read_noise, sky=args.sky, exptime=args.exptime,
                           ncombine=args.ncombine, cutout=cutout, cutout_factor=args.cutout_factor,
@@ -277,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .detect_cli import run as run_detect
 
             return run_detect(args)
+        if args.command == "train-init":
+            from .nn.cli import run as run_train_init
+
+            return run_train_init(args)
         if args.command == "fit":
             return _fit(args)
     except GalprofError as exc:

@@ -86,6 +86,12 @@ def add_fit_options(parser: argparse.ArgumentParser) -> None:
     a.add_argument("--fit-neighbours", type=int, default=0, metavar="N",
                    help="image mode: up to N bright overlapping neighbours become Sersic components (nb1..) "
                         "instead of being masked (default 0)")
+    a.add_argument("--init", choices=["auto", "moments", "nn"], default="moments",
+                   help="starting values of the automatic starts: moments (galprof.detect's measurements; default), "
+                        "nn (the neural network of galprof.nn) or auto (the network where the stamp matches its "
+                        "training survey: docs/nn_init.md)")
+    a.add_argument("--init-weights", metavar="WEIGHTS.pt",
+                   help="weights of the networks from galprof train-init (default: the shipped SDSS-like weights)")
     add_detect_options(parser)
 
 
@@ -166,7 +172,7 @@ def detect_one(spec: str, out: Path, args, *, model: Model | None, options: Dete
     if model is not None and zp != model.zeropoint:
         base = Model(model.components, zp)
     sigma = read_image(args.sigma) if args.sigma else None
-    bad = (read_image(args.mask) != 0) if args.mask else None
+    bad = (read_image(args.mask) != 0) if args.mask and args.mask != "nn" else None
     psf = read_image(args.psf) if args.psf else None
     for name, arr in (("sigma", sigma), ("mask", bad)):
         if arr is not None and arr.shape != image.shape:
@@ -178,6 +184,18 @@ def detect_one(spec: str, out: Path, args, *, model: Model | None, options: Dete
         position = (args.x, args.y)
     r = auto_inputs(image, model=base, sigma=sigma, mask=bad, psf=psf, position=position, options=options,
                     psf_stats=psf_radii(psf), gain=args.gain)
+    init, mask_nn = getattr(args, "init", "moments"), args.mask == "nn"
+    if init != "moments" or mask_nn:
+        from .nn.hook import network_inputs
+        from .nn.infer import load_predictor
+
+        mask, starts, notes = network_inputs(
+            load_predictor(getattr(args, "init_weights", None)), image=image,
+            sigma=sigma if sigma is not None else r.sigma, bad=bad, psf=psf, auto=r, model=r.model, init=init,
+            mask_nn=mask_nn, pixel_scale=getattr(args, "pixel_scale", None))
+        r.mask, r.starts = mask, starts
+        for note in notes:
+            log.info("%s: %s", _stem(spec), note)
     stem = _stem(spec)
     out.mkdir(parents=True, exist_ok=True)
     det = r.detection
