@@ -85,6 +85,10 @@ class RenderOptions:
         from the exact-geometry quadrature instead.
     chunk : int
         Galaxies rendered together (bounds the memory of one call).
+    chunk_cells : int
+        ... and at most this many render-grid cells together (at least one galaxy): for large
+        stamps, where a chunk of ``chunk`` galaxies would not fit in memory (each cell costs
+        about 100 bytes at float64 while a Sérsic is integrated).
     """
 
     base_order: int = 2
@@ -100,6 +104,7 @@ class RenderOptions:
     core_order: int = 2
     core_exact: int = 2
     chunk: int = 128
+    chunk_cells: int = 2 ** 23
 
 
 def fast_fft_size(n: int) -> int:
@@ -338,7 +343,8 @@ class Renderer:
     # ------------------------------------------------------------------------------------
     def _chunked(self, values, only, index) -> torch.Tensor:
         n = next(iter(values.values())).shape[0]
-        step = self.options.chunk
+        hr, wr = self.render_shape
+        step = max(1, min(self.options.chunk, self.options.chunk_cells // (hr * wr)))
         parts = []
         for i in range(0, n, step):
             j = min(i + step, n)

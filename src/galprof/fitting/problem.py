@@ -263,4 +263,16 @@ class FitProblem:
                 r, dr = jvp(lambda zz: resid(zz, index), (z,), (tangent,))
                 cols.append(dr)
             J = torch.stack(cols, dim=-1)                 # (b, N, P)
-        return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r[..., None])[..., 0], (r * r).sum(1)
+        if J.dtype == torch.float64:
+            return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r[..., None])[..., 0], (r * r).sum(1)
+        # lower precision: the sums over pixels are accumulated in float64, in chunks of pixels
+        # (a float32 sum over a large stamp keeps only a few digits of J^T J)
+        f64 = torch.float64
+        A = torch.zeros(b, P, P, dtype=f64, device=z.device)
+        g = torch.zeros(b, P, dtype=f64, device=z.device)
+        step = max(1, 2 ** 22 // max(1, b * P))
+        for s in range(0, J.shape[1], step):
+            Jc = J[:, s:s + step].to(f64)
+            A += Jc.transpose(1, 2) @ Jc
+            g += (Jc.transpose(1, 2) @ r[:, s:s + step, None].to(f64))[..., 0]
+        return A.to(J.dtype), g.to(J.dtype), (r.to(f64) ** 2).sum(1).to(J.dtype)
