@@ -1,18 +1,18 @@
-"""CPU fast path of the asymmetry-centre search: one stamp at a time in NumPy.
+"""CPU fast path of the asymmetries: one stamp at a time in NumPy.
 
 The simplex that finds the asymmetry centre has to follow statmorph's path (``scipy.optimize.fmin``
-with its tolerances), about 60 steps and 130 evaluations per stamp. Batched in torch, a step
+with its tolerances), about 60 steps and 125 evaluations per stamp. Batched in torch, a step
 costs a few hundred tensor operations whatever the number of stamps, and on a CPU the fixed cost
 of each (microseconds) dominates. Here the simplex runs in plain Python floats (the steps of
 :func:`galprof.morphology.kernels.nelder_mead`, i.e. of ``fmin``) and each evaluation is a few
 dozen NumPy operations on the pixels of one stamp's aperture only.
 
-The evaluation is :class:`galprof.morphology.asymmetry.AsymmetryFunction`'s (kind "cas"): the
-"rotated minus original" planes of the quarter-pixel cell of the centre, kept until the centre
-leaves the cell, combined with the sub-pixel parts of ``2 c``; pixels wholly inside the circle for
-every sub-pixel position weigh 1, the exact overlaps of a ring of the others are mixed differences
-of the signed area of the disc over the pixel corners. Results equal the torch path's to
-rounding (tests/test_morphology.py).
+The evaluation is :class:`galprof.morphology.asymmetry.AsymmetryFunction`'s: the "rotated minus
+original" planes of the quarter-pixel cell of the centre, kept until the centre leaves the cell,
+combined with the sub-pixel parts of ``2 c``; pixels wholly inside the circle for every sub-pixel
+position weigh 1, the exact overlaps of a ring of the others are mixed differences of the signed
+area of the disc over the pixel corners. The same class gives the single evaluations of the RMS,
+shape and outer asymmetries. Results equal the torch path's to rounding (tests/test_morphology.py).
 """
 
 from __future__ import annotations
