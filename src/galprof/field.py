@@ -239,6 +239,14 @@ class FieldProblem:
         self._bounded_sky = ([(j, sky_layout.transform(k)) for j, k in enumerate(sky_layout.free)
                               if any(b is not None for b in sky_layout.bounds(k))] if self.Ps else [])
         self._mag_col = self._single_flux_mag()
+        #: sources whose parameters stopped moving are frozen: their Jacobian columns are not
+        #: rendered (and are zero, so that they do not step) until the problem is unfrozen
+        self.freezing = True
+        self.freeze_tol = 0.03
+        self.frozen = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.ever_frozen = False
+        self._calm = torch.zeros(N, dtype=torch.int64, device=dev)
+        self._last = None
 
     # -- layout -----------------------------------------------------------------------------
     def _single_flux_mag(self) -> int | None:
@@ -299,15 +307,24 @@ class FieldProblem:
         return out[None]
 
     # -- rendering ------------------------------------------------------------------------
-    def _render_bucket(self, b, values) -> torch.Tensor:
-        """(n_b, ny*nx) images of the sources of bucket ``b`` on their windows."""
-        idx = b["index"]
+    def _render_bucket(self, b, values, rows=None) -> torch.Tensor:
+        """(n_b, ny*nx) images of the sources of bucket ``b`` on their windows (``rows``: only
+        those positions in the bucket)."""
+        idx = b["index"] if rows is None else b["index"][rows]
+        ox, oy = (b["ox"], b["oy"]) if rows is None else (b["ox"][rows], b["oy"][rows])
         vals = {k: v[idx] for k, v in values.items()}
         for k in self._keys_x:
-            vals[k] = vals[k] - b["ox"]
+            vals[k] = vals[k] - ox
         for k in self._keys_y:
-            vals[k] = vals[k] - b["oy"]
-        return b["renderer"](vals, check=False).reshape(idx.numel(), -1)
+            vals[k] = vals[k] - oy
+        return b["renderer"](vals, check=False, index=rows).reshape(idx.numel(), -1)
+
+    def unfreeze(self, freezing: bool = False) -> None:
+        """Make every source active again (and stop freezing unless ``freezing``)."""
+        self.freezing = freezing
+        self.frozen = torch.zeros_like(self.frozen)
+        self._calm = torch.zeros_like(self._calm)
+        self._last = None
 
     def _sky_image(self, zs) -> torch.Tensor:
         if self._sky_renderer is None:
@@ -336,14 +353,24 @@ class FieldProblem:
         f64 = torch.float64
         N, Pt, Ps = self.N, self.Pt, self.Ps
         Z, zs = self.unpack(z)
+        if self.freezing and self._last is not None:
+            # a source whose every parameter moved by less than freeze_tol of its (conditional)
+            # error at two accepted steps in a row is frozen
+            Z_last, sd = self._last
+            moved = ((Z - Z_last).abs() * sd).amax(dim=1)
+            self._calm = torch.where(moved < self.freeze_tol, self._calm + 1, torch.zeros_like(self._calm))
+            self.frozen = self.frozen | (self._calm >= 2)
+            self.ever_frozen = self.ever_frozen or bool(self.frozen.any())
         values = self.src_layout.physical(Z)
         base = [self._render_bucket(b, values) for b in self.buckets]
         r = self.residuals(z, images=base)[0]
+        live = [torch.nonzero(~self.frozen[b["index"]]).reshape(-1) for b in self.buckets]
+        active = (~self.frozen).to(self.dtype)
         r_ext = torch.cat([r, r.new_zeros(1)])
         # forward differences with the step of the rendering precision
         eps = torch.finfo(self.dtype).eps
         h = eps ** 0.5 * torch.maximum(Z.abs(), torch.ones_like(Z))           # (N, Pt)
-        cols = [torch.empty(b["index"].numel(), b["shape"][0] * b["shape"][1], Pt, dtype=self.dtype, device=z.device)
+        cols = [torch.zeros(b["index"].numel(), b["shape"][0] * b["shape"][1], Pt, dtype=self.dtype, device=z.device)
                 for b in self.buckets]
         for a in range(Pt):
             if a == self._mag_col:
@@ -351,15 +378,16 @@ class FieldProblem:
                 Zp = Z.clone()
                 Zp[:, a] += h[:, a]
                 dm = self.src_layout.physical(Zp)[key] - values[key]
-                factor = (torch.pow(10.0, -0.4 * dm) - 1.0) / h[:, a]
+                factor = (torch.pow(10.0, -0.4 * dm) - 1.0) / h[:, a] * active
                 for b, img, c in zip(self.buckets, base, cols):
                     c[:, :, a] = img * factor[b["index"]][:, None]
                 continue
             Zp = Z.clone()
             Zp[:, a] += h[:, a]
             vp = self.src_layout.physical(Zp)
-            for b, img, c in zip(self.buckets, base, cols):
-                c[:, :, a] = (self._render_bucket(b, vp) - img) / h[b["index"], a][:, None]
+            for b, img, c, rows in zip(self.buckets, base, cols, live):
+                if rows.numel():
+                    c[rows, :, a] = (self._render_bucket(b, vp, rows) - img[rows]) / h[b["index"][rows], a][:, None]
         # weighted, float64
         Jb = [(c * b["sw"][:, :, None]).to(f64) for b, c in zip(self.buckets, cols)]
         A_src = torch.zeros(N, N, Pt, Pt, dtype=f64, device=z.device)
@@ -377,6 +405,18 @@ class FieldProblem:
                 blk = Ji.T @ Jj
                 A_src[i, j] = blk
                 A_src[j, i] = blk.T
+        if self.freezing:
+            # 1 / marginal error of each parameter within its source's block (a faint source's
+            # mag, re and n are strongly correlated: its conditional errors would be far smaller)
+            blocks = A_src[torch.arange(N), torch.arange(N)]
+            ridge = 1e-9 * torch.diagonal(blocks, dim1=1, dim2=2).clamp(min=1e-300)
+            L, info = torch.linalg.cholesky_ex(blocks + torch.diag_embed(ridge))
+            inv = torch.cholesky_inverse(L)
+            sd = torch.where((info == 0)[:, None], torch.diagonal(inv, dim1=1, dim2=2).clamp(min=1e-300).rsqrt(),
+                             torch.diagonal(blocks, dim1=1, dim2=2).sqrt())
+            if self._last is not None:
+                sd = torch.where(self.frozen[:, None], self._last[1], sd)
+            self._last = (Z.detach().clone(), sd)
         P = N * Pt + Ps
         A = torch.zeros(P, P, dtype=f64, device=z.device)
         A[:N * Pt, :N * Pt] = A_src.permute(0, 2, 1, 3).reshape(N * Pt, N * Pt)
@@ -553,6 +593,15 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
         status, chi2 = int(st[0]), float(c2[0])
         if status == int(Status.NONFINITE):
             break
+    if problem.ever_frozen and status != int(Status.NONFINITE):
+        # sources frozen while their neighbours moved: a last fit with every source free
+        problem.unfreeze()
+        z, c2, n_it, st = levenberg_marquardt(problem, problem.pack(Z, zs),
+                                              torch.ones(1, dtype=torch.bool, device=Z.device), lm_options)
+        Z, zs = problem.unpack(z)
+        total_iter += int(n_it[0])
+        status, chi2 = int(st[0]), float(c2[0])
+    problem.unfreeze()
     z = problem.pack(Z, zs)
     keys_src, keys_sky = src_layout.keys, (sky_layout.keys if sky_layout is not None else [])
     keys = keys_src + keys_sky
