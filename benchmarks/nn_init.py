@@ -8,12 +8,14 @@ Four tables (docs/nn_init.md, the "done when" of the neural-initial-guess work):
    sky residual, Moffat PSF, sky + Poisson noise, the true sigma map. Both start from the same sep
    detection and mask (galprof.detect defaults); single Sérsic + free sky, LM, float64,
    finite-difference Jacobian, batches of up to 16 stamps of similar size. Also the median
-   |error| of the final re and mag of the targets with S/N > 50 (convergence to the same optimum).
+   |error| of the final re and mag of the targets with S/N > 50 (convergence to the same optimum),
+   and, for reference, the same fits started at the true parameters (the floor of the iteration
+   count: LM still needs steps to meet its tolerances).
 2. **Physics-informed loss against MSE alone**: the shipped (PINN) weights and weights trained the
    same way with ``--lambda-chi2 0``, on held-out grid stamps of the training survey and of a
    shifted survey (PSF FWHM 2.2-3.2 arcsec instead of 1.0-2.2; sky noise three times higher):
    median |error| of the guesses and the fraction of errors within the predicted 1 sigma.
-3. **Inference speed** (stamps/s, one torch thread): the network alone on batches of 512 grid
+3. **Inference speed** (stamps/s, ``--threads`` torch threads): the network alone on batches of 512 grid
    stamps, and including the gridding of native stamps (numpy).
 4. **Mask IoU**: the IoU of the target footprint (pixels where the target's true light exceeds the
    sky sigma and that of every other source) with sep's target segment and with the mask
@@ -104,8 +106,11 @@ def table1(pred: Predictor, n: int, seed: int, limit: int | None):
     stamps = [stamps[i] for i in keep]
     masks = [masks[i] for i in keep]
     rows = []
+    truth = [{**{f"g.{k}": s.truth[k] for k in ("x0", "y0", "mag", "re", "n", "q", "pa")}, "sky.sky": s.truth["sky"]}
+             for s in stamps]
     for name, starts in (("moments (galprof.detect)", [st_mom[i] for i in keep]),
-                         ("network (galprof.nn)", [st_nn[i] for i in keep])):
+                         ("network (galprof.nn)", [st_nn[i] for i in keep]),
+                         ("the true parameters (reference)", truth)):
         res, t_fit = fit_all(stamps, masks, starts, zp)
         it = np.array([r["n_iter"] for r in res])
         conv = np.array([r["status"] == 0 for r in res])
@@ -229,6 +234,7 @@ def main(argv=None):
     p.add_argument("--n-crowded", type=int, default=300, help="crowded GalSim stamps in table 4")
     p.add_argument("--tables", default="1,2,3,4")
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of table 3 (the others use one)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     pred = Predictor(args.weights)
@@ -236,7 +242,9 @@ def main(argv=None):
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}")
     tables = set(args.tables.split(","))
     if "3" in tables:
+        torch.set_num_threads(args.threads)
         table3(pred)
+        torch.set_num_threads(1)
     if "2" in tables:
         nets = {"PINN (MSE + chi2)": pred}
         if args.mse_weights:

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train-init", help="train the neural initial guesses and masks on simulated stamps of a survey",
         description="Simulate stamps of SURVEY.yaml with galprof's renderer and train the initial-guess network "
                     "(physics-informed loss) and the mask network; write both to --out (docs/nn_init.md). "
-                    "Defaults take about 20 minutes on one CPU thread.")
+                    "Defaults take about 25 minutes on one CPU thread.")
     p.add_argument("survey", help="survey description (YAML; see galprof/nn/data/sdss_g.yaml)")
     p.add_argument("--out", required=True, help="weights file to write (.pt)")
     p.add_argument("--n-train", type=int, default=d.n_train, help="training stamps (default %(default)s)")

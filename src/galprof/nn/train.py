@@ -50,7 +50,7 @@ WEIGHTS_VERSION = 1
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`train` (the defaults: the shipped weights' training, about 20 minutes on
+    """Settings of :func:`train` (the defaults: the shipped weights' training, about 25 minutes on
     one CPU thread)."""
 
     n_train: int = 12000
