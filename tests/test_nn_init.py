@@ -305,3 +305,16 @@ def test_network_input_normalisation():
     assert torch.allclose(s0, torch.tensor([3.0, 3.0]))
     assert x.shape == (2, 3, GRID, GRID) and (x[1, 0, :10] == 0).all()
     assert torch.allclose(x[0, 0], torch.asinh(img[0] / 3.0) / 3.0)
+
+
+def test_training_is_reproducible():
+    from galprof.nn.train import TrainConfig, train
+
+    cfg = TrainConfig(n_train=32, n_val=8, epochs=1, mask_epochs=1, batch=16, seed=11, chi2_stamps=8)
+    a = train(shipped_survey(), cfg)
+    b = train(shipped_survey(), cfg)
+    for part in ("init", "mask"):
+        for k, v in a[part]["state"].items():
+            assert torch.equal(v, b[part]["state"][k]), (part, k)
+    c = train(shipped_survey(), TrainConfig(**{**cfg.__dict__, "seed": 12}))
+    assert not torch.equal(a["init"]["state"]["head.2.weight"], c["init"]["state"]["head.2.weight"])

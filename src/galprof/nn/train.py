@@ -260,7 +260,15 @@ def train(survey: Survey, cfg: TrainConfig | None = None, *, masks: bool = True,
     (:func:`save_weights` writes it)."""
     cfg = cfg or TrainConfig()
     cfg.validate()
+    threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.threads))
+    try:
+        return _train(survey, cfg, masks=masks, device=device, dtype=dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(survey: Survey, cfg: TrainConfig, *, masks: bool, device, dtype) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
