@@ -146,8 +146,12 @@ def run_pyimfit(d, tmp) -> dict:
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = os.path.join(tmp, "config_fit.txt")
     fitter.saveCurrentModelToFile(out)
-    fitted = read_imfit_config(out, zeropoint=ZP).model.layout(1).values()
-    return {"values": flat({k: float(v[0]) for k, v in fitted.items()}), "errors": {}, "chi2": float(res.fitStat),
+    model = read_imfit_config(out, zeropoint=ZP).model
+    fitted = model.layout(1).values()
+    # the saved file has no labels: components in file order are bulge, disk, bar, sky
+    names = dict(zip([c.name for c in model.components], ["bulge", "disk", "bar", "sky"]))
+    values = {f"{names[k.split('.')[0]]}.{k.split('.')[1]}": float(v[0]) for k, v in fitted.items()}
+    return {"values": flat(values), "errors": {}, "chi2": float(res.fitStat),
             "status": 0 if res.fitConverged else 1, "n_iter": int(res.nIter), "time": dt, "cpu": cpu,
             "rss": max_rss_mb()}
 
