@@ -172,16 +172,16 @@ def worker(argv) -> int:
 def score(r, truth) -> dict:
     v = {k: np.asarray(r["values"][k]) for k in KEYS}
     e = {k: np.asarray(r["errors"][k]) for k in KEYS}
-    if len(v["x0"]) != len(truth):
-        # detection: match each true galaxy to the nearest fitted source within 2 px
-        idx = []
-        for x, y in truth[:, :2]:
-            d = np.hypot(v["x0"] - x, v["y0"] - y)
-            idx.append(int(np.argmin(d)) if d.size and d.min() < 2 else -1)
-        idx = np.array(idx)
-        found = idx >= 0
-        v = {k: np.where(found, a[np.clip(idx, 0, None)], np.nan) for k, a in v.items()}
-        e = {k: np.where(found, a[np.clip(idx, 0, None)], np.nan) for k, a in e.items()}
+    # match each true galaxy to the nearest fitted source within 2 px (detections come in their
+    # own order; a start from the truth is its own galaxy's)
+    idx = []
+    for x, y in truth[:, :2]:
+        d = np.hypot(v["x0"] - x, v["y0"] - y)
+        idx.append(int(np.argmin(d)) if d.size and d.min() < 2 else -1)
+    idx = np.array(idx)
+    found = idx >= 0
+    v = {k: np.where(found, a[np.clip(idx, 0, None)], np.nan) for k, a in v.items()}
+    e = {k: np.where(found, a[np.clip(idx, 0, None)], np.nan) for k, a in e.items()}
     ok_mag = np.abs(v["mag"] - truth[:, 2]) < 3 * e["mag"]
     ok_re = np.abs(v["re"] - truth[:, 3]) < 3 * e["re"]
     return {"within3": float(np.mean(ok_mag & ok_re)), "mag3": float(np.mean(ok_mag)), "re3": float(np.mean(ok_re)),
@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", default="10,25,50,100", help="numbers of galaxies (comma-separated)")
     ap.add_argument("--pyimfit-max", type=int, default=25, help="run pyimfit up to this many galaxies")
     ap.add_argument("--no-detect", action="store_true", help="skip the galprof run from detection")
+    ap.add_argument("--codes", help="only these of galprof, galprof-detect, pyimfit")
+    ap.add_argument("--timeout", type=float, help="seconds each fit may take (then reported as not finished)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -213,10 +215,19 @@ def main(argv=None) -> int:
             np.savez(path, data=data, sigma=sigma, psf=psf, **{f"start_{k}": v for k, v in starts.items()})
             codes = ["galprof"] + ([] if a.no_detect else ["galprof-detect"])
             codes += ["pyimfit"] if n_src <= a.pyimfit_max else []
+            if a.codes:
+                codes = [c for c in codes + ["pyimfit"] if c in a.codes.split(",")]
             for code in codes:
                 out = os.path.join(tmp, f"{code}{n_src}.json")
-                proc = subprocess.run([sys.executable, __file__, "--worker", code, path, out], env=env,
-                                      capture_output=True, text=True)
+                t_start = time.perf_counter()
+                try:
+                    proc = subprocess.run([sys.executable, __file__, "--worker", code, path, out], env=env,
+                                          capture_output=True, text=True, timeout=a.timeout)
+                except subprocess.TimeoutExpired:
+                    cpu = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+                    print(f"| {n_src} | {7 * n_src + 1} | {code} | not finished after {a.timeout:.0f} s wall "
+                          f"({time.perf_counter() - t_start:.0f} s) | | | CPU of all children so far {cpu:.0f} s |")
+                    continue
                 if proc.returncode:
                     print(f"| {n_src} | | {code} | failed: {proc.stderr.strip().splitlines()[-1:]} |")
                     continue
