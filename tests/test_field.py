@@ -219,3 +219,29 @@ def test_float32_fit_sums_in_float64():
         key = f"g.{k}"
         assert abs(r32.values[key][0] - r64.values[key][0]) < 0.05 * r64.errors[key][0], key
     assert r32.chi2[0] == pytest.approx(r64.chi2[0], rel=1e-6)
+
+
+def test_residual_round_finds_a_merged_neighbour():
+    """Two galaxies 6.5 px apart are one detection; the second round finds the fainter one on the
+    residual image and fits it as its own source."""
+    from galprof.field import fit_field_auto
+
+    pytest.importorskip("sep")
+    rng = np.random.default_rng(0)
+    psf_g = galsim.Moffat(beta=3.5, fwhm=3.0)
+    psf = psf_g.drawImage(nx=25, ny=25, scale=1.0).array
+    img = galsim.ImageD(96, 96, scale=1.0)
+    for x, y, f, re in [(40.0, 48.0, 6000.0, 3.0), (46.5, 48.5, 2500.0, 2.0), (70, 70, 3000, 2.5)]:
+        g = galsim.Sersic(n=1.0, half_light_radius=re, flux=f)
+        galsim.Convolve(g, psf_g).drawImage(image=img, add_to_image=True, center=galsim.PositionD(x, y))
+    data = img.array + 10 + rng.normal(0, 3.0, img.array.shape)
+    sigma = np.full(data.shape, 3.0)
+    model = galprof.load_model(TEMPLATE)
+    one, _, _ = fit_field_auto(model, data, sigma, psf=psf, rounds=1)
+    two, notes, _ = fit_field_auto(model, data, sigma, psf=psf, rounds=2)
+    assert len(one.result.chi2) == 2 and len(two.result.chi2) == 3
+    assert any("residual" in n for n in notes)
+    t = two.to_table()
+    d = np.hypot(np.asarray(t["g_x0"]) - 46.5, np.asarray(t["g_y0"]) - 48.5)
+    assert d.min() < 1.5
+    assert t["chi2"][0] < one.result.chi2[0] - 100

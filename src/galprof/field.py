@@ -28,6 +28,7 @@ than ``1 - window_flux`` of it) is not modelled.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ from .params import ParameterLayout
 from .profiles import EllipticalProfile
 from .render import Renderer, RenderOptions, prepare_psf
 
-__all__ = ["FieldOptions", "FieldResult", "FieldProblem", "fit_field", "split_model", "source_radii",
+__all__ = ["FieldOptions", "FieldResult", "FieldProblem", "fit_field", "fit_field_auto", "field_sources",
+           "split_model", "source_radii",
            "plan_windows", "WINDOW_SIZES"]
 
 #: side lengths (pixels) of the windows; a source gets the smallest that holds it
@@ -727,3 +729,66 @@ def field_sources(image, model: Model, *, mask=None, psf=None, options=None):
             if sky[k.split(".")[0]].profile.name in ("sky", "tiltedsky") and k.endswith(".sky"):
                 sources[k] = det.background.level
     return sources, ids, det, notes
+
+
+def fit_field_auto(model: Model, image, sigma=None, mask=None, psf=None, *, rounds: int = 2,
+                   detect_options=None, min_snr: float = 10.0, min_separation: float = 3.0,
+                   **kwargs) -> tuple[FieldResult, list[str], object]:
+    """Detect, fit, and look again: :func:`field_sources` and :func:`fit_field`, then up to
+    ``rounds - 1`` more rounds in which sources detected on the residual image (data minus the
+    fitted model: galaxies that detection merged with a neighbour, or missed next to a bright
+    one) farther than ``min_separation`` px from every fitted centre and with an isophotal S/N
+    above ``min_snr`` are added, and the field is fitted again from the previous round's values.
+    ``kwargs`` go to :func:`fit_field`. Returns ``(result, notes, detection)`` (the first
+    round's :class:`~galprof.detect.Detection`).
+    """
+    from .detect import _inside, detect, initial_values, measure, psf_radii
+
+    sources, ids, first, notes = field_sources(image, model, mask=mask, psf=psf, options=detect_options)
+    res = fit_field(model, image, sigma, mask, psf, sources=sources, ids=ids, **kwargs)
+    template, sky = split_model(model)
+    lay = template.layout(1)
+    xk = next(k for k in lay.keys if lay.spec(k).kind == "x")
+    yk = next(k for k in lay.keys if lay.spec(k).kind == "y")
+    stats = psf_radii(None if psf is None else np.asarray(psf, dtype=np.float64))
+    for _ in range(1, rounds):
+        r = res.result
+        resid = np.asarray(image, dtype=np.float64) - res.model_image
+        try:
+            det = detect(resid, mask=mask, options=detect_options)
+        except DataError:
+            break
+        added = []
+        for label in det.labels:
+            obj = det.objects[int(label) - 1]
+            # significance of the isophotal flux (the residual around a new source is not flat:
+            # apertures there can hold negative light)
+            snr = float(obj["flux"]) / (det.background.sigma * math.sqrt(max(float(obj["npix"]), 1.0)))
+            if not snr >= min_snr:
+                continue
+            try:
+                m = measure(resid, det, int(label), psf_stats=stats)
+            except DataError:
+                continue
+            d = np.hypot(r.values[xk] - m.x, r.values[yk] - m.y)
+            if d.size and d.min() <= min_separation:
+                continue
+            if not m.total_flux > 0:
+                m = dataclasses.replace(m, flux=float(obj["flux"]), total_flux=float(obj["flux"]))
+            added.append(m)
+        if not added:
+            break
+        base = {k: float(v.reshape(-1)[0]) for k, v in lay.values().items()}
+        new = [initial_values(template, m) for m in added]
+        # the previous round's values, moved strictly inside their bounds (a value at a bound is
+        # not a valid start), and the new sources' measured starts
+        merged = {k: np.array([_inside(float(v), lay.bounds(k)) for v in r.values[k]]
+                              + [s.get(k, base[k]) for s in new]) for k in lay.free}
+        if sky is not None:
+            for k in sky.layout(1).free:
+                merged[k] = float(r.values[k][0])
+        next_id = max([int(i) for i in r.ids] + [0]) + 1
+        ids = list(r.ids) + list(range(next_id, next_id + len(added)))
+        notes.append(f"{len(added)} source(s) found on the residual image added: ids {ids[-len(added)]}..{ids[-1]}")
+        res = fit_field(model, image, sigma, mask, psf, sources=merged, ids=ids, **kwargs)
+    return res, notes, first

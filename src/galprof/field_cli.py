@@ -40,6 +40,9 @@ def add_field_options(parser: argparse.ArgumentParser) -> None:
                         "with a shared sky: one component per source, from --catalog positions or from detection")
     g.add_argument("--window-flux", type=float, default=0.999,
                    help="fields: largest fraction of each source's light its window holds (default %(default)s)")
+    g.add_argument("--field-rounds", type=int, default=2,
+                   help="fields without a catalogue: detection rounds; each after the first adds the sources found "
+                        "on the residual image and fits again (default %(default)s)")
     g.add_argument("--window-level", type=float, default=0.005,
                    help="fields: windows end where a source falls below this many sigma per pixel, holding at "
                         "least 80%% of its light (0: by --window-flux alone; default %(default)s)")
@@ -61,7 +64,7 @@ def _sky_and_sigma(image, mask, args, header):
 def run_field_fit(args, model) -> int:
     """Run ``galprof fit ... --field``; ``model`` is the loaded model (template + skies)."""
     from .detect_cli import detect_options
-    from .field import FieldOptions, field_sources, fit_field
+    from .field import FieldOptions, fit_field, fit_field_auto
 
     if args.out is None:
         raise DataError("--field needs --out")
@@ -111,25 +114,29 @@ def run_field_fit(args, model) -> int:
             elif kind in ("x", "y"):
                 sources[key] = np.asarray(cat[kind], dtype=np.float64)
         ids = list(cat["id"]) if "id" in cat.colnames else list(range(1, len(cat) + 1))
-    else:
-        options = detect_options(args)
-        sources, ids, detection, more = field_sources(image, model, mask=mask, psf=psf, options=options)
-        notes += more
-    t_detect = time.perf_counter() - t0
-    log.info("field %s: %d sources (%s), %d x %d pixels", args.image, len(ids),
-             "catalogue" if args.catalog else "detected", image.shape[1], image.shape[0])
     lm = LMOptions(max_iter=args.max_iter, chi2_atol=0.01) if args.max_iter else None
     uncertainty = args.uncertainty if args.uncertainty in ("covariance", "none") else None
     if uncertainty is None:
         raise DataError(f"--uncertainty {args.uncertainty} is not available for fields (covariance or none)")
+    if args.field_rounds < 1:
+        raise DataError("--field-rounds must be at least 1")
     options = FieldOptions(window_flux=args.window_flux, window_level=args.window_level or None)
-    res = fit_field(model, image, sigma, mask, psf, sources=sources, ids=ids, psf_kind=args.psf_kind,
-                    psf_oversampling=args.psf_oversampling, options=options,
-                    lm_options=lm, uncertainty=uncertainty, dtype=_DTYPES[args.dtype], device=args.device)
+    common = dict(psf_kind=args.psf_kind, psf_oversampling=args.psf_oversampling, options=options, lm_options=lm,
+                  uncertainty=uncertainty, dtype=_DTYPES[args.dtype], device=args.device)
+    t_detect = time.perf_counter() - t0
+    if args.catalog:
+        log.info("field %s: %d sources from the catalogue, %d x %d pixels", args.image, len(ids), image.shape[1],
+                 image.shape[0])
+        res = fit_field(model, image, sigma, mask, psf, sources=sources, ids=ids, **common)
+    else:
+        res, more, detection = fit_field_auto(model, image, sigma, mask, psf, rounds=args.field_rounds,
+                                              detect_options=detect_options(args), **common)
+        notes += more
+        ids = list(res.result.ids)
     t_fit = time.perf_counter() - t0 - t_detect
     table: Table = res.to_table()
     table.meta.update(image=str(args.image), psf=str(args.psf or ""), n_sources=len(ids),
-                      detect_seconds=round(t_detect, 3), fit_seconds=round(t_fit, 3))
+                      fit_seconds=round(t_fit, 3))
     for fmt, name in (("csv", "results.csv"), ("fits", "results.fits")):
         write_table(table, out / name, fmt)
     hdus = [fits.PrimaryHDU()]
@@ -143,7 +150,7 @@ def run_field_fit(args, model) -> int:
     with atomic_path(out / "field.fits") as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
     summary = {"n_sources": len(ids), "status": str(table["status"][0]), "chi2_nu": float(table["chi2_nu"][0]),
-               "n_iter": int(table["n_iter"][0]), "detect_seconds": t_detect, "fit_seconds": t_fit,
+               "n_iter": int(table["n_iter"][0]), "seconds": t_fit,
                "passes": res.passes, "notes": notes}
     with atomic_path(out / "summary.json") as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=1))
