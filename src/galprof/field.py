@@ -732,7 +732,7 @@ def field_sources(image, model: Model, *, mask=None, psf=None, options=None):
 
 
 def fit_field_auto(model: Model, image, sigma=None, mask=None, psf=None, *, rounds: int = 2,
-                   detect_options=None, min_snr: float = 10.0, min_separation: float = 3.0,
+                   detect_options=None, min_snr: float = 5.0, min_separation: float = 3.0,
                    **kwargs) -> tuple[FieldResult, list[str], object]:
     """Detect, fit, and look again: :func:`field_sources` and :func:`fit_field`, then up to
     ``rounds - 1`` more rounds in which sources detected on the residual image (data minus the
