@@ -245,3 +245,33 @@ def test_residual_round_finds_a_merged_neighbour():
     d = np.hypot(np.asarray(t["g_x0"]) - 46.5, np.asarray(t["g_y0"]) - 48.5)
     assert d.min() < 1.5
     assert t["chi2"][0] < one.result.chi2[0] - 100
+
+
+def test_cli_field_from_a_catalogue(tmp_path):
+    """--field with --catalog: one source per row at its x, y, with the catalogue's starts."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from galprof.cli import main
+
+    data, sigma, psf, truth, starts = galsim_field(5)
+    for name, arr in (("field", data), ("sigma", sigma), ("psf", psf)):
+        fits.writeto(tmp_path / f"{name}.fits", arr)
+    Table({"id": [f"s{i}" for i in range(len(truth))], "x": starts["g.x0"], "y": starts["g.y0"],
+           "g_re": starts["g.re"]}).write(tmp_path / "cat.csv")
+    (tmp_path / "model.yaml").write_text(
+        "zeropoint: 25\ncomponents:\n  g: {profile: sersic, x0: 0, y0: 0, mag: 19, re: {value: 3, bounds: [0.3, 50]},"
+        " n: {value: 2, bounds: [0.3, 8]}, q: 0.7, pa: 0}\n  sky: {profile: sky, sky: 10}\n")
+    out = tmp_path / "out"
+    assert main(["fit", str(tmp_path / "model.yaml"), "--image", str(tmp_path / "field.fits"), "--sigma",
+                 str(tmp_path / "sigma.fits"), "--psf", str(tmp_path / "psf.fits"), "--catalog",
+                 str(tmp_path / "cat.csv"), "--field", "--out", str(out)]) == 0
+    t = Table.read(out / "results.csv")
+    assert list(t["id"]) == [f"s{i}" for i in range(len(truth))]
+    assert set(t["status"]) == {"converged"}
+    pull = (np.asarray(t["g_mag"]) - truth[:, 2]) / np.asarray(t["g_mag_err"])
+    assert np.all(np.abs(pull) < 4)
+    # a catalogue without positions is an error, not a crash
+    Table({"id": [1]}).write(tmp_path / "bad.csv")
+    assert main(["fit", str(tmp_path / "model.yaml"), "--image", str(tmp_path / "field.fits"), "--catalog",
+                 str(tmp_path / "bad.csv"), "--field", "--out", str(tmp_path / "o2")]) == 2

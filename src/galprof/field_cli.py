@@ -24,7 +24,7 @@ from astropy.table import Table
 from .errors import DataError
 from .fitting.lm import LMOptions
 from .io.fits import read_image, read_image_and_header
-from .io.tables import atomic_path, read_table, write_table
+from .io.tables import TABLE_FORMATS, atomic_path, check_format, read_table, write_table
 
 log = logging.getLogger("galprof")
 
@@ -70,6 +70,10 @@ def run_field_fit(args, model) -> int:
         raise DataError("--field needs --out")
     if args.image is None:
         raise DataError("--field needs the field image (--image FIELD.fits, or the image in place of the model)")
+    formats = list(dict.fromkeys(f.strip() for item in (args.format or ["fits,csv"]) for f in item.split(",")
+                                 if f.strip()))
+    for fmt in formats:
+        check_format(fmt)        # an unknown format or a missing writer: an error before the fit
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image, header = read_image_and_header(args.image)
@@ -137,8 +141,8 @@ def run_field_fit(args, model) -> int:
     table: Table = res.to_table()
     table.meta.update(image=str(args.image), psf=str(args.psf or ""), n_sources=len(ids),
                       fit_seconds=round(t_fit, 3))
-    for fmt, name in (("csv", "results.csv"), ("fits", "results.fits")):
-        write_table(table, out / name, fmt)
+    for fmt in formats:
+        write_table(table, out / f"results{TABLE_FORMATS[fmt]}", fmt)
     hdus = [fits.PrimaryHDU()]
     for name, arr in (("DATA", image), ("MODEL", res.model_image), ("RESIDUAL", res.residual_image),
                       ("SIGMA", sigma)):
