@@ -275,3 +275,31 @@ def test_cli_field_from_a_catalogue(tmp_path):
     Table({"id": [1]}).write(tmp_path / "bad.csv")
     assert main(["fit", str(tmp_path / "model.yaml"), "--image", str(tmp_path / "field.fits"), "--catalog",
                  str(tmp_path / "bad.csv"), "--field", "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_streamed_normal_equations_equal_the_whole_jacobian():
+    """Above the Jacobian memory budget, J^T J and J^T r are accumulated group by group (pairs of
+    groups rendered again): the same numbers as from the whole Jacobian."""
+    from galprof.fitting.data import make_batch
+    from galprof.fitting.problem import FitProblem
+
+    data, sigma, psf, truth, starts = galsim_field(6, n_src=1, size=64)
+    model = galprof.load_model({"zeropoint": ZP, "components": {
+        "bulge": {"profile": "sersic", "x0": 32.4, "y0": 31.8, "mag": 20.5, "re": 2.5, "n": 3, "q": 0.8, "pa": 20},
+        "disk": {"profile": "expdisk", "x0": {"tie": "bulge.x0"}, "y0": {"tie": "bulge.y0"}, "mag": 20, "rs": 5,
+                 "q": 0.5, "pa": 40},
+        "sky": {"profile": "sky", "sky": 9.5}}})
+    batch = make_batch([data], [sigma])
+    ren = Renderer(model, batch.shapes, psf)
+    lay = model.layout(1)
+    z = lay.initial()
+    whole = FitProblem(ren, lay, batch, jacobian="finite-difference")
+    small = FitProblem(ren, lay, batch, jacobian="finite-difference", max_jacobian_bytes=1)
+    idx = torch.arange(1)
+    A1, g1, c1 = whole.normal_equations(z, idx)
+    A2, g2, c2 = small.normal_equations(z, idx)
+    assert len(whole._fd_groups) > 1
+    d = torch.diagonal(A1[0]).sqrt()
+    assert float(((A1[0] - A2[0]).abs() / torch.outer(d, d)).max()) < 1e-10
+    assert float(((g1[0] - g2[0]).abs() / (d * c1[0].sqrt())).max()) < 1e-10
+    assert torch.equal(c1, c2)

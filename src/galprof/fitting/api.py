@@ -32,8 +32,8 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
         statistic: str = "chi2", restarts: int = 0, restart_scale: float = 0.5,
         uncertainty: str = "covariance", n_bootstrap: int = 100, bootstrap_fixed: Sequence[str] = (),
         seed: int | None = None, render_options: RenderOptions | None = None,
-        scale_errors: bool = False, jacobian: str = "finite-difference", dtype: torch.dtype = torch.float64,
-        device: torch.device | str = "cpu") -> FitResult:
+        scale_errors: bool = False, jacobian: str = "finite-difference", max_jacobian_bytes: int = 2 ** 31,
+        dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> FitResult:
     """Fit ``model`` to every galaxy of a batch.
 
     Parameters
@@ -64,6 +64,10 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
         sqrt(eps) max(|z|, 1), all P perturbed copies rendered as one batch) or "autodiff"
         (forward-mode autodiff through the renderer: exact, but each column costs several
         renders on CPU; see docs/fitting.md)
+    max_jacobian_bytes : above this size (pixels x free parameters x batch) the
+        finite-difference Jacobian is not held whole: its normal equations are accumulated by
+        groups of components, rendering pairs of groups again (bounded memory for large stamps
+        with many parameters, at a cost in time)
 
     Returns
     -------
@@ -127,7 +131,8 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
     z0 = layout.initial()
     z0 = torch.where(active[:, None] & torch.isfinite(z0), z0, torch.zeros_like(z0))
 
-    problem = FitProblem(renderer, layout, batch, jacobian=jacobian, statistic=statistic)
+    problem = FitProblem(renderer, layout, batch, jacobian=jacobian, statistic=statistic,
+                         max_jacobian_bytes=max_jacobian_bytes)
     solve = _solver(optimizer, options)
     z, chi2, n_iter, status = solve(problem, z0, active)
     if restarts:

@@ -72,7 +72,7 @@ class FitProblem:
 
     def __init__(self, renderer: Renderer, layout: ParameterLayout, batch: StampBatch, *,
                  jacobian: str = "autodiff", statistic: str = "chi2", rows: torch.Tensor | None = None,
-                 multiplicity: torch.Tensor | None = None):
+                 multiplicity: torch.Tensor | None = None, max_jacobian_bytes: int = 2 ** 31):
         if jacobian not in ("autodiff", "finite-difference"):
             raise ValueError(f"jacobian must be 'autodiff' or 'finite-difference', got {jacobian!r}")
         if statistic not in STATISTICS:
@@ -92,6 +92,9 @@ class FitProblem:
         self._bounded = [(j, layout.transform(key)) for j, key in enumerate(layout.free)
                          if any(b is not None for b in layout.bounds(key))]
         self._fd_groups = self._component_groups() if jacobian == "finite-difference" else None
+        #: above this size the finite-difference Jacobian of a batch is not held whole: its normal
+        #: equations are accumulated group by group (:meth:`_streamed_normal_equations`)
+        self.max_jacobian_bytes = max_jacobian_bytes
 
     def _component_groups(self):
         """How the finite-difference Jacobian renders its columns (chi2 statistic): columns are
@@ -189,38 +192,80 @@ class FitProblem:
             r = (model - data) * sw
         return r.reshape(r.shape[0], -1)
 
-    def _grouped_jacobian(self, z, index, zp, h, r):
-        """(b, N, P) forward differences by component groups (see :meth:`_component_groups`);
-        ``zp`` (P, b, P) holds the perturbed points, ``r`` the residuals at ``z``."""
+    def _group_columns(self, z, index, zp, h, r, group, values, sw, model_sw):
+        """(b, N, k) forward-difference columns of one group of :meth:`_component_groups` (its
+        columns ``cols`` and ``mag`` together, in that order) and their indices."""
+        comps, rest, base, mag, cols = group
         b, P = z.shape
         g = index if self.rows is None else self.rows[index]
-        sw = self._sqrt_weights(index).reshape(b, -1)
-        model_sw = r + self.batch.images[g].reshape(b, -1) * sw     # sqrt(w) model, from r
-        values = self.values(z, index)
-        J = torch.empty(b, r.shape[1], P, dtype=z.dtype, device=z.device)
 
         def render(vals, rows, comps):
             return self.renderer(vals, check=False, index=rows, components=comps).reshape(rows.shape[0], -1)
 
-        for comps, rest, base, mag, cols in self._fd_groups:
-            if base == "model":
-                base_sw = model_sw
-            elif base == "minus":
-                base_sw = model_sw - render(values, g, rest) * sw
-            else:
-                base_sw = render(values, g, comps) * sw
-            k = cols.numel()
-            if k:
-                zk = zp[cols].reshape(k * b, P)
-                img = render(self.values(zk, index.repeat(k)), g.repeat(k), comps)
-                diff = img.reshape(k, b, -1) * sw - base_sw
-                J[:, :, cols] = (diff / h.T[cols][:, :, None]).permute(1, 2, 0)
-            if mag is not None:
-                # the component's image is proportional to its flux
-                key = self.layout.free[mag]
-                dm = self.values(zp[mag], index)[key] - values[key]
-                J[:, :, mag] = base_sw * (torch.pow(10.0, -0.4 * dm) - 1.0)[:, None] / h[:, mag][:, None]
+        if base == "model":
+            base_sw = model_sw
+        elif base == "minus":
+            base_sw = model_sw - render(values, g, rest) * sw
+        else:
+            base_sw = render(values, g, comps) * sw
+        out, idx = [], []
+        k = cols.numel()
+        if k:
+            zk = zp[cols].reshape(k * b, P)
+            img = render(self.values(zk, index.repeat(k)), g.repeat(k), comps)
+            diff = img.reshape(k, b, -1) * sw - base_sw
+            out.append((diff / h.T[cols][:, :, None]).permute(1, 2, 0))
+            idx += cols.tolist()
+        if mag is not None:
+            # the component's image is proportional to its flux
+            key = self.layout.free[mag]
+            dm = self.values(zp[mag], index)[key] - values[key]
+            out.append((base_sw * (torch.pow(10.0, -0.4 * dm) - 1.0)[:, None] / h[:, mag][:, None])[:, :, None])
+            idx.append(mag)
+        return torch.cat(out, dim=2), idx
+
+    def _jacobian_parts(self, z, index, zp, h, r):
+        """Yields ``(columns (b, N, k), their indices)`` group by group (see :meth:`_component_groups`)."""
+        b = z.shape[0]
+        g = index if self.rows is None else self.rows[index]
+        sw = self._sqrt_weights(index).reshape(b, -1)
+        model_sw = r + self.batch.images[g].reshape(b, -1) * sw     # sqrt(w) model, from r
+        values = self.values(z, index)
+        for group in self._fd_groups:
+            yield lambda group=group: self._group_columns(z, index, zp, h, r, group, values, sw, model_sw)
+
+    def _grouped_jacobian(self, z, index, zp, h, r):
+        """(b, N, P) forward differences by component groups (see :meth:`_component_groups`);
+        ``zp`` (P, b, P) holds the perturbed points, ``r`` the residuals at ``z``."""
+        b, P = z.shape
+        J = torch.empty(b, r.shape[1], P, dtype=z.dtype, device=z.device)
+        for part in self._jacobian_parts(z, index, zp, h, r):
+            cols, idx = part()
+            J[:, :, idx] = cols
         return J
+
+    def _streamed_normal_equations(self, z, index, zp, h, r):
+        """``J^T J`` and ``J^T r`` group by group, holding at most two groups' columns: each pair of
+        groups is rendered again (about G / 2 times the renders of the whole Jacobian, for G
+        groups), so that memory stays bounded for large stamps with many parameters."""
+        b, P = z.shape
+        f64 = torch.float64
+        A = torch.zeros(b, P, P, dtype=f64, device=z.device)
+        g = torch.zeros(b, P, dtype=f64, device=z.device)
+        parts = list(self._jacobian_parts(z, index, zp, h, r))
+        for i, part in enumerate(parts):
+            Ji, ii = part()
+            Ji = Ji.to(f64)
+            ti = torch.tensor(ii, device=z.device)
+            A[:, ti[:, None], ti[None, :]] = Ji.transpose(1, 2) @ Ji
+            g[:, ti] = (Ji.transpose(1, 2) @ r.to(f64)[..., None])[..., 0]
+            for other in parts[i + 1:]:
+                Jj, jj = other()
+                tj = torch.tensor(jj, device=z.device)
+                blk = Ji.transpose(1, 2) @ Jj.to(f64)
+                A[:, ti[:, None], tj[None, :]] = blk
+                A[:, tj[:, None], ti[None, :]] = blk.transpose(1, 2)
+        return A.to(z.dtype), g.to(z.dtype), (r.to(f64) ** 2).sum(1).to(z.dtype)
 
     def normal_equations(self, z: torch.Tensor, index: torch.Tensor, *, fisher: bool = False,
                          residuals: torch.Tensor | None = None):
@@ -250,7 +295,11 @@ class FitProblem:
             eye = torch.eye(P, dtype=z.dtype, device=z.device)
             zp = zp + eye[:, None, :] * h[None]
             r = resid(z, index) if residuals is None or fisher else residuals
-            if self._fd_groups is not None and self.statistic == "chi2" and not fisher:
+            # (for chi2 the Fisher information is J^T J itself)
+            grouped = self._fd_groups is not None and self.statistic == "chi2"
+            if grouped and b * r.shape[1] * P * z.element_size() > self.max_jacobian_bytes and len(self._fd_groups) > 1:
+                return self._streamed_normal_equations(z, index, zp, h, r)
+            if grouped:
                 J = self._grouped_jacobian(z, index, zp, h, r)
             else:
                 rp = resid(zp.reshape(P * b, P), index.repeat(P)).reshape(P, b, -1)
