@@ -249,6 +249,7 @@ class FieldProblem:
         self.ever_frozen = False
         self._calm = torch.zeros(N, dtype=torch.int64, device=dev)
         self._last = None
+        self._images = None           # the window images of the last normal equations
 
     # -- layout -----------------------------------------------------------------------------
     def _single_flux_mag(self) -> int | None:
@@ -327,6 +328,7 @@ class FieldProblem:
         self.frozen = torch.zeros_like(self.frozen)
         self._calm = torch.zeros_like(self._calm)
         self._last = None
+        self._images = None
 
     def _sky_image(self, zs) -> torch.Tensor:
         if self._sky_renderer is None:
@@ -338,11 +340,27 @@ class FieldProblem:
         Z, zs = self.unpack(z)
         values = self.src_layout.physical(Z)
         if images is None:
-            images = [self._render_bucket(b, values) for b in self.buckets]
+            images = self._source_images(values)
         flat = self.data.new_zeros(self.H * self.W + 1)
         for b, img in zip(self.buckets, images):
             flat.index_add_(0, b["flat"].reshape(-1), img.reshape(-1))
         return (flat[:-1] + self._sky_image(zs)).reshape(self.H, self.W)
+
+    def _source_images(self, values, stale=None) -> list[torch.Tensor]:
+        """Every source's window image, per bucket. A frozen source does not move (its step is
+        zero), so its image from the last normal equations is reused (except for the sources
+        ``stale``, just frozen: theirs is from before their last step)."""
+        if self._images is None or not bool(self.frozen.any()):
+            return [self._render_bucket(b, values) for b in self.buckets]
+        live = ~self.frozen if stale is None else ~self.frozen | stale
+        out = []
+        for b, cached, in zip(self.buckets, self._images):
+            rows = torch.nonzero(live[b["index"]]).reshape(-1)
+            img = cached.clone()
+            if rows.numel():
+                img[rows] = self._render_bucket(b, values, rows)
+            out.append(img)
+        return out
 
     def residuals(self, z: torch.Tensor, index=None, images=None) -> torch.Tensor:
         """(1, H*W) residuals ``sqrt(w) (model - data)``."""
@@ -355,16 +373,19 @@ class FieldProblem:
         f64 = torch.float64
         N, Pt, Ps = self.N, self.Pt, self.Ps
         Z, zs = self.unpack(z)
+        stale = None
         if self.freezing and self._last is not None:
             # a source whose every parameter moved by less than freeze_tol of its (conditional)
             # error at two accepted steps in a row is frozen
             Z_last, sd = self._last
             moved = ((Z - Z_last).abs() * sd).amax(dim=1)
             self._calm = torch.where(moved < self.freeze_tol, self._calm + 1, torch.zeros_like(self._calm))
-            self.frozen = self.frozen | (self._calm >= 2)
+            stale = (self._calm >= 2) & ~self.frozen
+            self.frozen = self.frozen | stale
             self.ever_frozen = self.ever_frozen or bool(self.frozen.any())
         values = self.src_layout.physical(Z)
-        base = [self._render_bucket(b, values) for b in self.buckets]
+        base = self._source_images(values, stale)
+        self._images = [img.detach() for img in base]
         r = self.residuals(z, images=base)[0]
         live = [torch.nonzero(~self.frozen[b["index"]]).reshape(-1) for b in self.buckets]
         active = (~self.frozen).to(self.dtype)
