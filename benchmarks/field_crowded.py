@@ -215,7 +215,7 @@ def main(argv=None) -> int:
             codes = ["galprof"] + ([] if a.no_detect else ["galprof-detect"])
             codes += ["pyimfit"] if n_src <= a.pyimfit_max else []
             if a.codes:
-                codes = [c for c in codes + ["pyimfit"] if c in a.codes.split(",")]
+                codes = [c for c in dict.fromkeys(codes + ["pyimfit"]) if c in a.codes.split(",")]
             for code in codes:
                 out = os.path.join(tmp, f"{code}{n_src}.json")
                 t_start = time.perf_counter()
