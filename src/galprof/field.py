@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -496,7 +496,6 @@ class FieldResult:
     residual_image: np.ndarray
     windows: np.ndarray
     passes: int
-    notes: list[str] = field(default_factory=list)
 
     def to_table(self):
         t = self.result.to_table()
