@@ -171,6 +171,17 @@ def sky_statistics(values: np.ndarray, *, nsigma: float = 3.0, max_iter: int = 1
     return level, std
 
 
+def background_sigma(image: np.ndarray, background: Background, gain: float | None = None) -> np.ndarray:
+    """A sigma map from the background RMS and, with ``gain`` (electrons per image unit), the
+    sources' Poisson noise ``(data - sky) / gain`` where positive; NaN where the data are not
+    finite."""
+    data = np.asarray(image, dtype=np.float64)
+    var = np.full(data.shape, background.sigma ** 2)
+    if gain is not None:
+        var = var + np.clip(data - background.level, 0.0, None) / gain
+    return np.where(np.isfinite(data), np.sqrt(var), np.nan)
+
+
 def estimate_background(image: np.ndarray, mask: np.ndarray | None = None, *,
                         options: DetectOptions | None = None) -> Background:
     """Mesh background and RMS maps of ``image`` (pixels in ``mask`` or non-finite are ignored)."""
@@ -924,11 +935,7 @@ def auto_inputs(image: np.ndarray, *, model: Model, sigma: np.ndarray | None = N
         starts = initial_values(fit_model, target, given=given, neighbours=nbs)
     out_sigma = None
     if sigma is None:
-        data = np.asarray(image, dtype=np.float64)
-        var = np.full(data.shape, det.background.sigma ** 2)
-        if gain is not None:
-            var = var + np.clip(data - det.background.level, 0.0, None) / gain
-        out_sigma = np.where(np.isfinite(data), np.sqrt(var), np.nan)
+        out_sigma = background_sigma(image, det.background, gain)
         notes.append(f"sigma from the background RMS ({det.background.sigma:.4g})"
                      + (f" and Poisson noise (gain {gain:g})" if gain is not None else ""))
     return AutoResult(model=fit_model, mask=auto_mask, starts=starts, sigma=out_sigma, detection=det,

@@ -471,6 +471,13 @@ class FieldProblem:
         return torch.stack(cols, dim=1) * self.sqrt_w[:-1, None]
 
 
+def _centre_keys(layout: ParameterLayout) -> tuple[str | None, str | None]:
+    """The template's first ``x`` and ``y`` parameters (a source's position), or None."""
+    xk = next((k for k in layout.keys if layout.spec(k).kind == "x"), None)
+    yk = next((k for k in layout.keys if layout.spec(k).kind == "y"), None)
+    return xk, yk
+
+
 def _saturated(t, zj, tol):
     d = t.derivative(zj).abs()
     peak = 0.25 * abs(t.hi - t.lo) if hasattr(t, "hi") and hasattr(t, "lo") else 1.0
@@ -585,12 +592,11 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
     windows, status, chi2 = None, int(Status.MAX_ITER), float("nan")
     problem = None
     passes = 0
+    xk, yk = _centre_keys(src_layout)
     for passes in range(1, o.passes + 1):
         vals = src_layout.physical(Z)
-        xk = [k for k in src_layout.keys if src_layout.spec(k).kind == "x"]
-        yk = [k for k in src_layout.keys if src_layout.spec(k).kind == "y"]
-        x = vals[xk[0]].detach().cpu().numpy() if xk else np.full(N, (W + 1) / 2)
-        y = vals[yk[0]].detach().cpu().numpy() if yk else np.full(N, (H + 1) / 2)
+        x = vals[xk].detach().cpu().numpy() if xk else np.full(N, (W + 1) / 2)
+        y = vals[yk].detach().cpu().numpy() if yk else np.full(N, (H + 1) / 2)
         level = None if o.window_level is None else o.window_level * noise
         radii = source_radii(template, vals, o.window_flux, level=level)
         new = plan_windows(x, y, radii, psf_half, (H, W), o)
@@ -690,11 +696,8 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
             near |= (hi - v) <= 1e-6 * span
         for i in np.nonzero(near)[0]:
             note(i, Flag.AT_BOUND, f"{key} at a bound")
-    xs = values[[k for k in keys_src if src_layout.spec(k).kind == "x"][0]] if any(
-        src_layout.spec(k).kind == "x" for k in keys_src) else None
-    ys = values[[k for k in keys_src if src_layout.spec(k).kind == "y"][0]] if any(
-        src_layout.spec(k).kind == "y" for k in keys_src) else None
-    if xs is not None and ys is not None:
+    if xk and yk:
+        xs, ys = values[xk], values[yk]
         for i in np.nonzero((xs < 0.5) | (xs > W + 0.5) | (ys < 0.5) | (ys > H + 0.5))[0]:
             note(i, Flag.BAD_VALUE, "the source's centre left the field")
     if status == int(Status.MAX_ITER):
@@ -729,7 +732,8 @@ def field_sources(image, model: Model, *, mask=None, psf=None, options=None):
     template, sky = split_model(model)
     det = detect(np.asarray(image, dtype=np.float64), mask=mask, options=options)
     stats = psf_radii(None if psf is None else np.asarray(psf, dtype=np.float64))
-    base = {k: float(v.reshape(-1)[0]) for k, v in template.layout(1).values().items()}
+    lay = template.layout(1)
+    base = {k: float(v.reshape(-1)[0]) for k, v in lay.values().items()}
     rows, ids, notes = [], [], []
     for label in det.labels:
         try:
@@ -738,7 +742,7 @@ def field_sources(image, model: Model, *, mask=None, psf=None, options=None):
             notes.append(f"source {int(label)} left out: {exc}")
             continue
         starts = initial_values(template, m)
-        rows.append({k: starts.get(k, base[k]) for k in template.layout(1).free})
+        rows.append({k: starts.get(k, base[k]) for k in lay.free})
         ids.append(int(label))
     if not rows:
         raise DataError("no source detected in the field")
@@ -768,8 +772,7 @@ def fit_field_auto(model: Model, image, sigma=None, mask=None, psf=None, *, roun
     res = fit_field(model, image, sigma, mask, psf, sources=sources, ids=ids, **kwargs)
     template, sky = split_model(model)
     lay = template.layout(1)
-    xk = next(k for k in lay.keys if lay.spec(k).kind == "x")
-    yk = next(k for k in lay.keys if lay.spec(k).kind == "y")
+    xk, yk = _centre_keys(lay)
     stats = psf_radii(None if psf is None else np.asarray(psf, dtype=np.float64))
     for _ in range(1, rounds):
         r = res.result

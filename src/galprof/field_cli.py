@@ -51,14 +51,11 @@ def add_field_options(parser: argparse.ArgumentParser) -> None:
 def _sky_and_sigma(image, mask, args, header):
     """sigma map when none is given: the background RMS (from detection) and, with a gain,
     the sources' Poisson noise."""
-    from .detect import estimate_background
+    from .detect import background_sigma, estimate_background
 
     bkg = estimate_background(image, mask)
     gain = args.gain if args.gain is not None else header.get("GAIN") if header is not None else None
-    var = np.full(image.shape, bkg.sigma ** 2)
-    if gain:
-        var = var + np.clip(image - bkg.level, 0.0, None) / float(gain)
-    return np.sqrt(var), bkg
+    return background_sigma(image, bkg, float(gain) if gain else None), bkg
 
 
 def run_field_fit(args, model) -> int:
