@@ -59,6 +59,20 @@ def test_field_recovers_galsim_truth():
     assert abs(np.nanstd(res.residual_image) / 5.0 - 1) < 0.05
 
 
+def test_float32_field_agrees_with_float64():
+    """A field rendered in float32 (state and sums in float64) gives the float64 fit within a
+    small fraction of its errors."""
+    data, sigma, psf, truth, starts = galsim_field(5)
+    model = galprof.load_model(TEMPLATE)
+    r64 = fit_field(model, data, sigma, psf=psf, sources=starts).result
+    r32 = fit_field(model, data, sigma, psf=psf, sources=starts, dtype=torch.float32).result
+    assert r32.status[0] == 0
+    for name in NAMES:
+        k = f"g.{name}"
+        assert np.all(np.abs(r32.values[k] - r64.values[k]) < 0.05 * r64.errors[k]), name
+        np.testing.assert_allclose(r32.errors[k], r64.errors[k], rtol=0.02)
+
+
 def test_windowed_normal_equations_equal_the_dense_ones():
     """With every window covering the field, J^T J and J^T r assembled from windows and overlaps
     equal those of one model holding every source as its own component."""

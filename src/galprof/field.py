@@ -410,7 +410,8 @@ class FieldProblem:
             vp = self.src_layout.physical(Zp)
             for b, img, c, rows in zip(self.buckets, base, cols, live):
                 if rows.numel():
-                    c[rows, :, a] = (self._render_bucket(b, vp, rows) - img[rows]) / h[b["index"][rows], a][:, None]
+                    step = h[b["index"][rows], a].to(self.dtype)
+                    c[rows, :, a] = (self._render_bucket(b, vp, rows) - img[rows]) / step[:, None]
         # weighted, float64
         Jb = [(c * b["sw"][:, :, None]).to(f64) for b, c in zip(self.buckets, cols)]
         A_src = torch.zeros(N, N, Pt, Pt, dtype=f64, device=z.device)

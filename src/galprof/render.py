@@ -83,12 +83,15 @@ class RenderOptions:
     core_exact : int
         Panels on each side of the centre whose integrals and moments (to second order) come
         from the exact-geometry quadrature instead.
-    chunk : int
+    chunk : int or None
         Galaxies rendered together (bounds the memory of one call).
-    chunk_cells : int
+    chunk_cells : int or None
         ... and at most this many render-grid cells together (at least one galaxy): for large
         stamps, where a chunk of ``chunk`` galaxies would not fit in memory (each cell costs
         about 100 bytes at float64 while a Sérsic is integrated).
+        ``None`` (both): 128 galaxies and 2**23 cells (about 0.8 GB) on a CPU; 2048 galaxies and
+        2**26 cells (about 6.7 GB) on a GPU, where a render call is a few hundred small kernels
+        whose launches, not their arithmetic, bound small stamps (docs/benchmarks.md, GPU).
     """
 
     base_order: int = 2
@@ -103,8 +106,15 @@ class RenderOptions:
     core_coarse: int = 4
     core_order: int = 2
     core_exact: int = 2
-    chunk: int = 128
-    chunk_cells: int = 2 ** 23
+    chunk: int | None = None
+    chunk_cells: int | None = None
+
+    def chunking(self, device: torch.device | str) -> tuple[int, int]:
+        """(galaxies, cells) rendered together per call on ``device`` (defaults above)."""
+        gpu = torch.device(device).type != "cpu"
+        chunk = self.chunk if self.chunk is not None else (2048 if gpu else 128)
+        cells = self.chunk_cells if self.chunk_cells is not None else (2 ** 26 if gpu else 2 ** 23)
+        return int(chunk), int(cells)
 
 
 def fast_fft_size(n: int) -> int:
@@ -344,7 +354,8 @@ class Renderer:
     def _chunked(self, values, only, index) -> torch.Tensor:
         n = next(iter(values.values())).shape[0]
         hr, wr = self.render_shape
-        step = max(1, min(self.options.chunk, self.options.chunk_cells // (hr * wr)))
+        chunk, cells = self.options.chunking(self.device)
+        step = max(1, min(chunk, cells // (hr * wr)))
         parts = []
         for i in range(0, n, step):
             j = min(i + step, n)
