@@ -20,7 +20,8 @@ next one runs):
     first batch; the CPU of the same machine fits ``--cpu-n`` of them for comparison.
 ``field``
     The 512 x 512 GalSim field of ``benchmarks/field_crowded.py`` (``--field-npz``, made on a
-    machine with GalSim by ``--make-field-npz N``), fitted on the GPU and on the CPU.
+    machine with GalSim by ``--make-field-npz N``), fitted on the GPU in float64 and float32 (and
+    on the CPU with ``--field-cpu``).
 ``large``
     A ``--size`` x ``--size`` image of a nearby galaxy with 23 components (bulge, disk, bar,
     lens, nucleus, 17 companions and a tilted sky; 153 free parameters) rendered by galprof with
@@ -160,7 +161,8 @@ def section_consistency(dev, args) -> None:
             emit(S, name, ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-1500:])
 
     every = {"zeropoint": 25.0, "components": {
-        "s": {"profile": "sersic", "x0": 30.3, "y0": 28.8, "mag": 17, "re": 5.0, "n": 2.7, "q": 0.6, "pa": 30, "c0": 0.3},
+        "s": {"profile": "sersic", "x0": 30.3, "y0": 28.8, "mag": 17, "re": 5.0, "n": 2.7, "q": 0.6, "pa": 30,
+              "c0": 0.3},
         "e": {"profile": "expdisk", "x0": 30.3, "y0": 28.8, "mag": 17.5, "rs": 7.0, "q": 0.4, "pa": -20},
         "d": {"profile": "devauc", "x0": 20.1, "y0": 40.2, "mag": 19, "re": 3.0, "q": 0.8, "pa": 70},
         "f": {"profile": "ferrer", "x0": 30.3, "y0": 28.8, "mag": 18.5, "rout": 12.0, "alpha": 1.5, "beta": 0.3,
@@ -178,7 +180,8 @@ def section_consistency(dev, args) -> None:
         psfs = [moffat_psf(25, 3.0, 3.0), moffat_psf(31, 4.0, 2.5), moffat_psf(21, 2.5, 4.5), moffat_psf(24, 3.5, 3.0)]
         out = {}
         for kind in ("star", "optical"):
-            imgs = [galprof.Renderer(model, shapes, psfs, psf_kind=kind, device=d)().cpu().numpy() for d in ("cpu", dev)]
+            imgs = [galprof.Renderer(model, shapes, psfs, psf_kind=kind, device=d)().cpu().numpy()
+                    for d in ("cpu", dev)]
             out[kind] = float(np.abs(imgs[0] - imgs[1]).max() / np.abs(imgs[0]).max())
         return {"max_rel_diff": out}
 
@@ -238,7 +241,7 @@ def section_consistency(dev, args) -> None:
 
     check("bootstrap on the GPU", bootstrap)
 
-    small = args.field_npz.replace("100", "10")
+    small = args.field_npz.replace("100", "10")  # made by --make-field-npz 10 --field-npz .gpu/field10.npz
     if os.path.exists(small):
         def field():
             from galprof.field import fit_field
@@ -347,7 +350,7 @@ def section_cli(dev, args) -> None:
             d = np.abs(np.asarray(a[c[:-4]], float) - np.asarray(b[c[:-4]], float)) / np.asarray(b[c], float)
             worst = max(worst, float(np.nanmax(d)))
     emit("cli", "README quick start, cuda vs cpu", ok=True, max_diff_sigma=worst,
-         chi2_nu=[list(np.round(np.asarray(a["chi2_nu"], float), 4)), list(np.round(np.asarray(b["chi2_nu"], float), 4))],
+         chi2_nu=[list(np.round(np.asarray(t["chi2_nu"], float), 4)) for t in (a, b)],
          status=[list(a["status"]), list(b["status"])], seconds=[round(out[dev][1], 1), round(out["cpu"][1], 1)])
 
 
@@ -369,8 +372,8 @@ def section_field(dev, args) -> None:
     src["sky.sky"] = 101.0
     for device in [dev] + (["cpu"] if args.field_cpu else []):
         for dtype in ((torch.float64, torch.float32) if device != "cpu" else (torch.float64,)):
-            res, dt, peak = timed(device, lambda: fit_field(fm, d["data"], d["sigma"], psf=d["psf"], sources=src,
-                                                            dtype=dtype, device=device))
+            res, dt, peak = timed(device, lambda dtype=dtype, device=device: fit_field(
+                fm, d["data"], d["sigma"], psf=d["psf"], sources=src, dtype=dtype, device=device))
             r = res.result
             sc = score({"values": {k: r.values[f"g.{k}"] for k in ("x0", "y0", "mag", "re", "n", "q", "pa")},
                         "errors": {k: r.errors[f"g.{k}"] for k in ("x0", "y0", "mag", "re", "n", "q", "pa")}}, truth)
@@ -465,7 +468,7 @@ def section_large(dev, args) -> None:
     FitProblem.normal_equations = traced
     for dtype in (torch.float32,):
         t_start[0] = time.perf_counter()
-        res, dt, peak = timed(dev, lambda: galprof.fit(
+        res, dt, peak = timed(dev, lambda dtype=dtype: galprof.fit(
             model, [data], [sigma], psf=psf, initial=start, dtype=dtype, device=dev,
             options=LMOptions(max_iter=args.large_max_iter),
             max_jacobian_bytes=int(args.large_jacobian_gb * 2 ** 30)))
