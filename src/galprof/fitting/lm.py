@@ -21,11 +21,18 @@ class LMOptions:
     max_iter : int
         Iteration cap (each iteration is one trial step per galaxy).
     ftol : float
-        Converged when an accepted step lowers chi2 by less than ``ftol`` (relative) or by
+        Converged when an accepted step lowers chi2 by less than ``ftol`` (relative; at least ten
+        times the rendering precision, so 1.2e-6 for a float32 model) or by
         less than ``chi2_atol`` (absolute; 0 by default, set for fields whose chi2 sums
         hundreds of thousands of pixels, where a relative change means nothing) ...
     xtol : float
         ... or moves every unconstrained parameter by less than ``xtol (|z| + xtol)``.
+    decrement : bool
+        ... or (True, the default) before a step, when the Gauss–Newton model of chi2 at the
+        current point predicts that no step can lower it by more than those tolerances (the
+        Newton decrement ``g^T A^-1 g``, with ``A = J^T W J`` undamped and ``g = J^T W r``,
+        parameters pinned at a bound left out): the test above, one iteration earlier, without
+        the step that would only confirm it.
     lambda0, lambda_up, lambda_down, lambda_max : float
         Initial damping, its factors after a rejected / accepted step, and the damping above
         which a galaxy whose chi2 no longer decreases is taken as converged.
@@ -35,6 +42,7 @@ class LMOptions:
     ftol: float = 1e-9
     chi2_atol: float = 0.0
     xtol: float = 1e-8
+    decrement: bool = True
     lambda0: float = 1e-3
     lambda_up: float = 10.0
     lambda_down: float = 10.0
@@ -69,9 +77,12 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
     resid = None                      # residuals at z of the galaxies whose step was accepted
     active = active.clone()
     eye = torch.eye(P, dtype=dt, device=dev)
+    # chi2 of a model rendered in float32 is not known to better than about 1e-7 of itself:
+    # a relative tolerance below ten times the rendering precision cannot be met
+    ftol = max(o.ftol, 10 * torch.finfo(getattr(problem, "dtype", dt)).eps)
     for _ in range(o.max_iter):
-        # two host synchronisations per iteration: which galaxies need new normal equations,
-        # and which are still running
+        # three host synchronisations per iteration: which galaxies need new normal equations,
+        # which are near their optimum, and which are still running
         todo = torch.nonzero(stale & active).reshape(-1)
         if todo.numel():
             Ai, gi, c2 = problem.normal_equations(z[todo], todo, residuals=None if resid is None else resid[todo])
@@ -97,6 +108,19 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         keep = (~pinned).to(dt)
         M = M * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(pinned.to(dt))
         gi = gi * keep
+        if o.decrement:
+            # the Newton decrement: the most any step could lower chi2 by the Gauss–Newton model
+            A0 = Ai * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(pinned.to(dt))
+            L0, info0 = torch.linalg.cholesky_ex(A0)
+            L0 = torch.where((info0 == 0)[:, None, None], L0, eye.expand_as(L0))
+            dec = (gi * torch.cholesky_solve(gi[..., None], L0)[..., 0]).sum(1)
+            near = (info0 == 0) & torch.isfinite(dec) & (dec <= torch.clamp(ftol * chi2[idx], min=o.chi2_atol))
+            status[idx[near]] = int(Status.CONVERGED)
+            active[idx[near]] = False
+            far = ~near
+            idx, Ai, gi, lami, zi, M, pinned = idx[far], Ai[far], gi[far], lami[far], zi[far], M[far], pinned[far]
+            if idx.numel() == 0:
+                break
         L, info = torch.linalg.cholesky_ex(M)
         solvable = info == 0
         L = torch.where(solvable[:, None, None], L, eye.expand_as(L))
@@ -125,7 +149,7 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         chi2_try = (r_try * r_try).sum(1)
         old = chi2[idx]
         accept = solvable & torch.isfinite(chi2_try) & (chi2_try <= old)
-        small_f = (old - chi2_try) <= torch.clamp(o.ftol * old, min=o.chi2_atol)
+        small_f = (old - chi2_try) <= torch.clamp(ftol * old, min=o.chi2_atol)
         small_x = (step.abs() <= o.xtol * (z[idx].abs() + o.xtol)).all(dim=1)
         done = (accept & (small_f | small_x)) | (~accept & (lami * o.lambda_up > o.lambda_max))
         z[idx] = torch.where(accept[:, None], z_try, z[idx])
