@@ -6,7 +6,12 @@ per parameter, the median pull (bias in sigma) and the robust standard deviation
 (fit - truth) / sigma_cov, the convergence rate, and with ``--bootstrap N`` the median ratio of
 bootstrap to covariance errors. The acceptance limits are printed beside the numbers.
 
-    python benchmarks/fit_calibration.py [--n 200] [--bootstrap 0] [--psf-kind star]
+    python benchmarks/fit_calibration.py [--n 200] [--bootstrap 0] [--psf-kind star] [--device cpu]
+        [--sample SAMPLE.npz]
+
+``--sample``: the simulated sample is read from that file when it exists, else simulated and
+written there (float32 images and sigma maps), so that a machine without GalSim (a GPU machine)
+can fit the same galaxies.
 """
 
 from __future__ import annotations
@@ -25,10 +30,45 @@ from galsim_sims import PARAMS, pulls, robust_std, sersic_model, simulate  # noq
 import galprof  # noqa: E402
 
 
+def save_sample(sample, path) -> None:
+    """Write a simulated sample (float32 images and sigma maps) to an ``.npz`` file."""
+    arrays = {"psf": sample.psf, "psf_kind": np.array(sample.psf_kind),
+              "truth_keys": np.array(list(sample.truths[0])),
+              "truths": np.array([[t[k] for k in sample.truths[0]] for t in sample.truths])}
+    for i, (im, sg) in enumerate(zip(sample.images, sample.sigmas)):
+        arrays[f"image_{i}"] = np.asarray(im, np.float32)
+        arrays[f"sigma_{i}"] = np.asarray(sg, np.float32)
+    for k, v in sample.starts.items():
+        arrays[f"start_{k}"] = np.asarray(v)
+    np.savez_compressed(path, **arrays)
+
+
+def load_sample(path):
+    """The sample written by :func:`save_sample`."""
+    from galsim_sims import Sample
+
+    d = np.load(path)
+    keys = [str(k) for k in d["truth_keys"]]
+    s = Sample(psf=d["psf"], psf_kind=str(d["psf_kind"]))
+    s.truths = [dict(zip(keys, map(float, row))) for row in d["truths"]]
+    n = len(s.truths)
+    s.images = [d[f"image_{i}"].astype(np.float64) for i in range(n)]
+    s.sigmas = [d[f"sigma_{i}"].astype(np.float64) for i in range(n)]
+    s.starts = {k: list(d[f"start_{k}"]) for k in PARAMS}
+    return s
+
+
 def run(n: int = 200, *, seed: int = 1, n_bootstrap: int = 0, psf_kind: str = "star", sizes=(64, 128, 256),
-        dtype=torch.float64, optimizer: str = "lm", verbose: bool = True) -> dict:
+        dtype=torch.float64, optimizer: str = "lm", verbose: bool = True, device="cpu",
+        sample_path: str | None = None) -> dict:
     """Fit ``n`` simulated galaxies; return a dict of per-parameter statistics."""
-    sample = simulate(n, seed=seed, sizes=sizes, psf_kind=psf_kind)
+    if sample_path and Path(sample_path).exists():
+        sample = load_sample(sample_path)
+        n = len(sample.truths)
+    else:
+        sample = simulate(n, seed=seed, sizes=sizes, psf_kind=psf_kind)
+        if sample_path:
+            save_sample(sample, sample_path)
     values = {k: np.zeros(n) for k in PARAMS}
     errors = {k: np.zeros(n) for k in PARAMS}
     boot = {k: np.full(n, np.nan) for k in PARAMS}
@@ -43,7 +83,8 @@ def run(n: int = 200, *, seed: int = 1, n_bootstrap: int = 0, psf_kind: str = "s
         if n_bootstrap:
             kwargs.update(uncertainty="bootstrap", n_bootstrap=n_bootstrap, seed=seed)
         res = galprof.fit(sersic_model(size), group.images, group.sigmas, psf=group.psf, psf_kind=psf_kind,
-                          initial={f"g.{k}": v for k, v in group.starts.items()}, dtype=dtype, **kwargs)
+                          initial={f"g.{k}": v for k, v in group.starts.items()}, dtype=dtype, device=device,
+                          **kwargs)
         for k in PARAMS:
             values[k][sel] = res.values[f"g.{k}"]
             if n_bootstrap:
@@ -80,9 +121,11 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", default="lm")
     ap.add_argument("--dtype", default="float64")
     ap.add_argument("--save", metavar="NPZ", help="write each galaxy's truth, fit, error and status")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sample", metavar="NPZ", help="read the simulated sample from this file, or write it there")
     args = ap.parse_args(argv)
     s = run(args.n, seed=args.seed, n_bootstrap=args.bootstrap, psf_kind=args.psf_kind,
-            dtype=getattr(torch, args.dtype), optimizer=args.optimizer)
+            dtype=getattr(torch, args.dtype), optimizer=args.optimizer, device=args.device, sample_path=args.sample)
     print(f"# {s['n']} galaxies, {args.psf_kind} PSF, {args.optimizer}, {args.dtype}, "
           f"{torch.get_num_threads()} threads: {s['time']:.0f} s, converged {s['converged']:.1%} (>= 99%), "
           f"median iterations {s['median_iter']:.0f}")
