@@ -143,3 +143,30 @@ def test_bad_options_are_errors():
         galprof.fit(model(), [np.zeros((8, 8))], uncertainty="jackknife")
     with pytest.raises(ValueError, match="statistic"):
         galprof.fit(model(), [np.zeros((8, 8))], statistic="poisson")
+
+
+def test_newton_decrement_stop_moves_fits_by_a_negligible_amount():
+    """Stopping on the Newton decrement (before the step that would only confirm convergence)
+    gives the fits of the plain chi2-change test to within 0.01 sigma, with one galaxy whose n is
+    pinned at its bound and with a model without free parameters; it saves iterations."""
+    from galprof.fitting import LMOptions
+
+    rng = np.random.default_rng(3)
+    truths = [dict(re=3.0, n=1.5), dict(re=2.0, n=4.0), dict(re=5.0, n=0.8, q=0.4), dict(re=4.0, n=2.5, pa=-60)]
+    images = [galaxy(**t) + rng.normal(0, 1.0, (SIZE, SIZE)) for t in truths]
+    sig = [np.ones((SIZE, SIZE))] * len(images)
+    m = galprof.load_model({"zeropoint": 0.0, "components": {"g": {
+        "profile": "sersic", "x0": 20.5, "y0": 20.5, "mag": -7.0, "re": 4.0,
+        "n": {"value": 2.0, "bounds": [0.3, 3.0]}, "q": 0.7, "pa": 20.0}}})
+    on, off = (galprof.fit(m, images, sig, psf=PSF, options=LMOptions(decrement=d)) for d in (True, False))
+    assert (on.status == 0).all() and (off.status == 0).all()
+    assert on.values["g.n"][1] > 2.99                        # n = 4 galaxy: pinned at the bound
+    for k in on.free:
+        assert np.all(np.abs(on.values[k] - off.values[k]) <= 0.01 * off.errors[k]), k
+    assert on.n_iter.sum() < off.n_iter.sum()
+    fixed = galprof.load_model({"zeropoint": 0.0, "components": {"g": {
+        "profile": "sersic", "x0": {"value": 20.4, "fixed": True}, "y0": {"value": 20.7, "fixed": True},
+        "mag": {"value": -7.26, "fixed": True}, "re": {"value": 3.0, "fixed": True},
+        "n": {"value": 1.5, "fixed": True}, "q": {"value": 0.6, "fixed": True}, "pa": {"value": 30.0, "fixed": True}}}})
+    r = galprof.fit(fixed, images[:1], sig[:1], psf=PSF)
+    assert r.status[0] == 0 and r.n_iter[0] == 0 and np.isfinite(r.chi2[0])
