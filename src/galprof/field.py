@@ -44,7 +44,7 @@ from .fitting.problem import step_scales
 from .fitting.result import FitResult
 from .flags import Flag, Status
 from .model import Model
-from .params import ParameterLayout
+from .params import Identity, ParameterLayout
 from .profiles import EllipticalProfile
 from .render import Renderer, RenderOptions, prepare_psf
 
@@ -208,6 +208,13 @@ class FieldProblem:
         self.windows = np.asarray(windows, dtype=np.int64)
         self._keys_x = [k for k in src_layout.keys if src_layout.spec(k).kind == "x"]
         self._keys_y = [k for k in src_layout.keys if src_layout.spec(k).kind == "y"]
+        # finite-difference steps scale with |value - origin|: a free unbounded position is
+        # measured from its window's origin, as the renderer sees it
+        origin = np.zeros((N, len(src_layout.free)))
+        for a, k in enumerate(src_layout.free):
+            if isinstance(src_layout.transform(k), Identity) and (k in self._keys_x or k in self._keys_y):
+                origin[:, a] = self.windows[:, 0 if k in self._keys_x else 1]
+        self._step_origin = torch.as_tensor(origin, dtype=torch.float64, device=dev)
         self.buckets = []
         self._where = np.zeros((N, 2), dtype=np.int64)          # (bucket, position in it)
         shapes = sorted({(int(a), int(b)) for a, b in self.windows[:, 2:]})
@@ -390,9 +397,11 @@ class FieldProblem:
         live = [torch.nonzero(~self.frozen[b["index"]]).reshape(-1) for b in self.buckets]
         active = (~self.frozen).to(self.dtype)
         r_ext = torch.cat([r, r.new_zeros(1)])
-        # forward differences with the step of the rendering precision
+        # forward differences with the step of the rendering precision, scaled by each value as
+        # the renderer sees it: a position relative to its window, not to the field (a float32
+        # step at x = 4000 would be 1.4 px)
         eps = torch.finfo(self.dtype).eps
-        h = eps ** 0.5 * torch.maximum(Z.abs(), torch.ones_like(Z))           # (N, Pt)
+        h = eps ** 0.5 * torch.maximum((Z - self._step_origin).abs(), torch.ones_like(Z))  # (N, Pt)
         cols = [torch.zeros(b["index"].numel(), b["shape"][0] * b["shape"][1], Pt, dtype=self.dtype, device=z.device)
                 for b in self.buckets]
         for a in range(Pt):
