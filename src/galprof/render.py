@@ -89,9 +89,10 @@ class RenderOptions:
         ... and at most this many render-grid cells together (at least one galaxy): for large
         stamps, where a chunk of ``chunk`` galaxies would not fit in memory (each cell costs
         about 100 bytes at float64 while a Sérsic is integrated).
-        ``None`` (both): 128 galaxies and 2**23 cells (about 0.8 GB) on a CPU; 2048 galaxies and
-        2**26 cells (about 6.7 GB) on a GPU, where a render call is a few hundred small kernels
-        whose launches, not their arithmetic, bound small stamps (docs/benchmarks.md, GPU).
+        ``None`` (both): 128 galaxies and 2**23 cells (about 0.8 GB) on a CPU (and any device
+        other than CUDA); on a CUDA GPU 2048 galaxies and cells for about a tenth of the card's
+        memory (2**23 to 2**26, the latter 6.7 GB), where a render call is a few hundred small
+        kernels whose launches, not their arithmetic, bound small stamps (docs/benchmarks.md, GPU).
     """
 
     base_order: int = 2
@@ -111,9 +112,17 @@ class RenderOptions:
 
     def chunking(self, device: torch.device | str) -> tuple[int, int]:
         """(galaxies, cells) rendered together per call on ``device`` (defaults above)."""
-        gpu = torch.device(device).type != "cpu"
+        device = torch.device(device)
+        gpu = device.type == "cuda"
         chunk = self.chunk if self.chunk is not None else (2048 if gpu else 128)
-        cells = self.chunk_cells if self.chunk_cells is not None else (2 ** 26 if gpu else 2 ** 23)
+        if self.chunk_cells is not None:
+            cells = self.chunk_cells
+        elif gpu:
+            # about a tenth of the card's memory at ~100 bytes per cell, between 2^23 and 2^26
+            total = torch.cuda.get_device_properties(device).total_memory
+            cells = min(max(total // 1000, 2 ** 23), 2 ** 26)
+        else:
+            cells = 2 ** 23
         return int(chunk), int(cells)
 
 
