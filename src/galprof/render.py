@@ -237,6 +237,7 @@ class Renderer:
         else:
             self._setup_psf(psf, B)
         self.render_shape = (self.height * self.k + 2 * self.hy, self.width * self.k + 2 * self.hx)
+        self._chunking = self.options.chunking(self.device)
 
     # ------------------------------------------------------------------------------------
     def _setup_psf(self, psf, B: int) -> None:
@@ -363,7 +364,7 @@ class Renderer:
     def _chunked(self, values, only, index) -> torch.Tensor:
         n = next(iter(values.values())).shape[0]
         hr, wr = self.render_shape
-        chunk, cells = self.options.chunking(self.device)
+        chunk, cells = self._chunking
         step = max(1, min(chunk, cells // (hr * wr)))
         parts = []
         for i in range(0, n, step):

@@ -102,17 +102,16 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         # of its healthy past instead of taking an unbounded step that the trust region below
         # would have to shrink, together with every other parameter's
         diag = scale[idx].clamp(min=torch.finfo(dt).tiny)
-        M = Ai + lami[:, None, None] * torch.diag_embed(diag)
         # a parameter at its bound that the gradient pushes further out is held for this step
         # (as bounded LM codes peg a parameter at its limit); the others are solved without it
         zi = z[idx]
         pinned = problem.at_bound(zi) & (gi * zi < 0)
         keep = (~pinned).to(dt)
-        M = M * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(pinned.to(dt))
+        A0 = Ai * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(pinned.to(dt))
+        M = A0 + lami[:, None, None] * torch.diag_embed(diag * keep)
         gi = gi * keep
         if o.decrement:
             # the Newton decrement: the most any step could lower chi2 by the Gauss–Newton model
-            A0 = Ai * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(pinned.to(dt))
             L0, info0 = torch.linalg.cholesky_ex(A0)
             L0 = torch.where((info0 == 0)[:, None, None], L0, eye.expand_as(L0))
             dec = (gi * torch.cholesky_solve(gi[..., None], L0)[..., 0]).sum(1)
