@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -46,6 +45,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+from galsim_sims import PARAMS, robust_std  # noqa: E402
+from galsim_sims import pulls as galsim_pulls  # noqa: E402
+from pipeline_10k import moffat_psf as pipeline_moffat  # noqa: E402
 
 import galprof  # noqa: E402
 
@@ -84,12 +87,8 @@ def mb(x: float):
 
 
 def moffat_psf(n: int = 41, fwhm: float = 3.5, beta: float = 4.5) -> np.ndarray:
-    """A star-like Moffat PSF image (pixel-integrated by 5 x 5 sub-samples), normalised."""
-    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
-    off = (np.arange(5) + 0.5) / 5 - 0.5
-    y, x = np.mgrid[0:n, 0:n] - n // 2
-    img = sum((1 + ((x + dx) ** 2 + (y + dy) ** 2) / alpha ** 2) ** (-beta) for dy in off for dx in off)
-    return img / img.sum()
+    """A star-like Moffat PSF image (that of ``pipeline_10k.py``), with this script's defaults."""
+    return pipeline_moffat(n, fwhm, beta)
 
 
 def max_pull_diff(a, b) -> float:
@@ -138,12 +137,14 @@ def sersic_sample(n: int, size: int = 128, seed: int = 3, device="cpu"):
 
 
 def pulls(res, truth, ok) -> dict:
+    """Median and robust standard deviation of (fit - truth) / error per parameter (converged
+    galaxies ``ok``; PA differences wrapped, as in ``galsim_sims.py``)."""
+    truths = [dict(zip(truth, row)) for row in zip(*truth.values())]
     out = {}
-    for k in ("x0", "y0", "mag", "re", "n", "q", "pa"):
-        p = (res.values[f"g.{k}"] - truth[k]) / res.errors[f"g.{k}"]
-        p = p[ok & np.isfinite(p)]
-        med = float(np.median(p)) if p.size else float("nan")
-        out[k] = (round(med, 3), round(float(1.4826 * np.median(np.abs(p - med))), 3) if p.size else None)
+    for k in PARAMS:
+        p = galsim_pulls(res.values[f"g.{k}"], res.errors[f"g.{k}"], truths, k)[ok]
+        p = p[np.isfinite(p)]
+        out[k] = (round(float(np.median(p)), 3), round(robust_std(p), 3)) if p.size else (None, None)
     return out
 
 
