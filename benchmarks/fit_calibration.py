@@ -101,7 +101,7 @@ def run(n: int = 200, *, seed: int = 1, n_bootstrap: int = 0, psf_kind: str = "s
     stats = {"n": n, "converged": float(ok.mean()), "time": elapsed, "median_iter": float(np.median(n_iter)),
              "params": {}}
     stats["per_galaxy"] = {"status": status, "n_iter": n_iter, "values": values, "errors": errors,
-                           "truths": sample.truths}
+                           "boot": boot, "truths": sample.truths}
     for k in PARAMS:
         p = pulls(values[k], errors[k], sample.truths, k)[ok]
         finite = np.isfinite(p)  # no error where the normal matrix is singular (flag SINGULAR)
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
         g = s["per_galaxy"]
         np.savez(args.save, status=g["status"], n_iter=g["n_iter"],
                  **{f"fit_{k}": v for k, v in g["values"].items()}, **{f"err_{k}": v for k, v in g["errors"].items()},
+                 **{f"boot_{k}": v for k, v in g["boot"].items()},
                  **{f"true_{k}": np.array([t[k] for t in g["truths"]]) for k in g["truths"][0]})
     return 0
 

@@ -126,3 +126,28 @@ def test_point_source_is_the_shifted_psf():
         im = galsim.ImageD(NX, NY, scale=1.0)
         (moffat * FLUX).drawImage(image=im, center=galsim.PositionD(21.0 + d, 20.0 + d))
         assert np.abs(img - im.array).sum() / FLUX < 2e-3
+
+
+def test_large_galaxies_with_the_stencil_base_rule_match_galsim():
+    """Large and flat galaxies in 128 x 128 stamps, where most of the light lies in cells that the
+    default rule (with a band-limited PSF) integrates by the sixth-order stencil, not Gauss–Legendre:
+    against GalSim, and against the Gauss–Legendre rule."""
+    moffat, psf = moffat_psf("star")
+    cases = [(re, n, 0.2, 0.3, 17.0) for re in (8.0, 15.0) for n in (0.5, 1.0, 4.0)] + [(15.0, 6.0, 1.0, 0.0, 63.0)]
+    model = galprof.load_model({"components": {"g": {"profile": "sersic", "x0": 1.0, "y0": 1.0, "mag": 0.0,
+                                                     "re": 1.0, "n": 1.0, "q": 1.0, "pa": 0.0}}})
+    x0, y0 = 64.3, 64.8
+    images = {}
+    for rule in (None, "gauss"):
+        r = galprof.Renderer(model, [(128, 128)] * len(cases), psf, options=galprof.RenderOptions(base_rule=rule))
+        assert r._stencil == ("all" if rule is None else "none")
+        cols = np.array([(x0, y0, -2.5 * np.log10(FLUX), re, n, q, pa) for re, n, q, d, pa in cases]).T
+        values = {f"g.{k}": torch.as_tensor(v) for k, v in zip(["x0", "y0", "mag", "re", "n", "q", "pa"], cols)}
+        values["g.c0"] = torch.zeros(len(cases), dtype=torch.float64)
+        images[rule] = r(values).numpy()
+    for i, (re, n, q, d, pa) in enumerate(cases):
+        im = galsim.ImageD(128, 128, scale=1.0)
+        galsim.Convolve(galsim_galaxy(re, n, q, pa, FFT), moffat, gsparams=FFT).drawImage(
+            image=im, center=galsim.PositionD(x0, y0))
+        assert np.abs(images[None][i] - im.array).sum() / FLUX <= 5e-4, (re, n, q)
+        assert np.abs(images[None][i] - images["gauss"][i]).sum() / FLUX <= 1e-5, (re, n, q)
