@@ -267,3 +267,33 @@ def test_boxiness_needs_a_free_or_nonzero_c0_in_the_model():
     values["g.c0"] = torch.tensor([0.5], dtype=torch.float64)
     with pytest.raises(galprof.ParameterError, match="c0 is fixed at 0"):
         r(values)
+
+
+@pytest.mark.parametrize("kind,k", [("star", 1), ("optical", 2)])
+def test_shift_derivatives_are_the_derivatives_of_the_render(kind, k):
+    """The Fourier-space shift derivatives of a Sérsic galaxy and of a point source against
+    central differences of the render (centres away from half-integer cells, where the refined
+    windows would move between the two renders)."""
+    size = 21 * k if k % 2 else 21 * k + 1
+    c = size // 2
+    y, x = np.mgrid[0:size, 0:size] / k
+    psf = np.exp(-((x - c / k) ** 2 + (y - c / k) ** 2) / (2 * 1.6**2))
+    m = galprof.load_model({"components": {"g": {"profile": "sersic", "x0": 20.3, "y0": 19.6, "mag": 0.0, "re": 2.5,
+                                                 "n": 2.5, "q": 0.5, "pa": 35.0},
+                                           "p": {"profile": "psf", "x0": 11.2, "y0": 29.4, "mag": 1.0}}})
+    r = galprof.Renderer(m, [(40, 40), (36, 44)], psf / psf.sum(), psf_kind=kind, psf_oversampling=k)
+    assert r.shift_derivatives_ok
+    vals = {key: v.clone() for key, v in r.values().items()}
+    vals["g.x0"] = torch.tensor([20.3, 22.15], dtype=torch.float64)
+    for comp in ("g", "p"):
+        _, dx, dy = r(vals, components=[comp], shift_derivatives=True)
+        for axis, d in (("x0", dx), ("y0", dy)):
+            h = 1e-5
+            up, down = dict(vals), dict(vals)
+            up[f"{comp}.{axis}"] = vals[f"{comp}.{axis}"] + h
+            down[f"{comp}.{axis}"] = vals[f"{comp}.{axis}"] - h
+            fd = (r(up, components=[comp]) - r(down, components=[comp])) / (2 * h)
+            err = (d - fd).abs().amax(dim=(1, 2)) / fd.abs().amax(dim=(1, 2))
+            assert (err < 2e-3).all(), (comp, axis, err)
+    with pytest.raises(ModelError):
+        galprof.Renderer(m, [(40, 40)], gaussian_psf(sigma=0.3))(shift_derivatives=True)

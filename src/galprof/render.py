@@ -319,7 +319,7 @@ class Renderer:
 
     def __call__(self, values: Mapping[str, torch.Tensor] | None = None, *,
                  check: bool = True, index: torch.Tensor | None = None,
-                 components: Sequence[str] | None = None) -> torch.Tensor:
+                 components: Sequence[str] | None = None, shift_derivatives: bool = False):
         """Model images ``(B, H, W)`` (zero outside each galaxy's stamp).
 
         ``values`` maps ``"comp.param"`` to scalars or (B,) tensors (physical units); by
@@ -328,6 +328,13 @@ class Renderer:
         ``components`` (names) renders only those components (their sum, convolved as in the
         full model). ``check=False`` skips the validity-domain check (a host synchronisation),
         for loops whose parameters are bounded by construction.
+
+        ``shift_derivatives=True`` returns ``(images, d_dx0, d_dy0)``: with them the derivatives
+        of the images with respect to moving all rendered components together by one pixel
+        along x and along y, taken in Fourier space from the convolved spectrum (``-2 pi i f``
+        times it), at no render's cost. They are the derivatives of the band-limited model: right
+        for the galaxies whose PSF is band-limited (:attr:`fourier_core`), not for the others
+        (:attr:`shift_derivatives_ok`: at least one is).
         """
         n = self.batch_size if index is None else int(index.shape[0])
         values = self._check_values(self.values() if values is None else values, n)
@@ -338,7 +345,15 @@ class Renderer:
             if unknown:
                 raise ParameterError(f"no component named {', '.join(sorted(unknown))} in the model")
             components = list(components)
-        return self._chunked(values, components, index)
+        if shift_derivatives and not self.shift_derivatives_ok:
+            raise ModelError("shift derivatives need a PSF that is band-limited (for some galaxy of the batch)")
+        return self._chunked(values, components, index, shift_derivatives)
+
+    @property
+    def shift_derivatives_ok(self) -> bool:
+        """Whether :meth:`__call__` can give shift derivatives: a PSF, band-limited (the Fourier
+        core in use) for at least one galaxy; they are right for those galaxies only."""
+        return self._psf_hat is not None and self._any_core
 
     def render_cost(self, components: Sequence[str]) -> float:
         """Relative cost of rendering ``components`` (1 per elliptical or point component; a
@@ -384,7 +399,7 @@ class Renderer:
         return images[index, :ny, :nx].detach().cpu().numpy()
 
     # ------------------------------------------------------------------------------------
-    def _chunked(self, values, only, index) -> torch.Tensor:
+    def _chunked(self, values, only, index, shift=False):
         n = next(iter(values.values())).shape[0]
         hr, wr = self.render_shape
         chunk, cells = self._chunking
@@ -393,8 +408,12 @@ class Renderer:
         for i in range(0, n, step):
             j = min(i + step, n)
             rows = slice(i, j) if index is None else index[i:j]
-            parts.append(self._render({k: v[i:j] for k, v in values.items()}, rows, only))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            parts.append(self._render({k: v[i:j] for k, v in values.items()}, rows, only, shift))
+        if len(parts) == 1:
+            return parts[0]
+        if shift:
+            return tuple(torch.cat([p[m] for p in parts], dim=0) for m in range(3))
+        return torch.cat(parts, dim=0)
 
     def _check_values(self, values, n: int | None = None):
         n = self.batch_size if n is None else n
@@ -411,7 +430,7 @@ class Renderer:
                 out[key] = v
         return out
 
-    def _render(self, values, sl, only) -> torch.Tensor:
+    def _render(self, values, sl, only, shift=False):
         """Render the galaxies ``sl`` (a slice or index tensor into the batch); ``values`` hold
         one entry per rendered galaxy."""
         B = next(iter(values.values())).shape[0]
@@ -430,10 +449,17 @@ class Renderer:
         elif acc is None and not points:
             image = torch.zeros(B, self.height, self.width, dtype=self.dtype, device=self.device)
         else:
-            image = self._convolve(acc, extra, points, values, sl, B)
+            image = self._convolve(acc, extra, points, values, sl, B, shift)
+        if shift:
+            if not isinstance(image, tuple):  # nothing but skies rendered: they do not move
+                image = (image, torch.zeros_like(image), torch.zeros_like(image))
+            image, dx, dy = image
         for comp in self._skies:
             if only is None or comp.name in only:
                 image = image + self._sky(comp, values, sl)
+        if shift:
+            valid = self.valid[sl]
+            return image * valid, dx * valid, dy * valid
         return image * self.valid[sl]
 
     # -- coordinates ----------------------------------------------------------------------
@@ -823,7 +849,7 @@ class Renderer:
         return totals
 
     # -- convolution and point sources -------------------------------------------------
-    def _convolve(self, acc, extra, points, values, sl, B):
+    def _convolve(self, acc, extra, points, values, sl, B, shift=False):
         ny, nx = self.fft_shape
         hr, wr = self.render_shape
         psf_hat = self._psf_hat if self._psf_hat.shape[0] == 1 else self._psf_hat[sl]
@@ -845,7 +871,23 @@ class Renderer:
             phase_x = torch.exp(-2j * math.pi * self._fx[None, :] * X[:, None])
             term = flux[:, None, None] * phase_y[:, :, None] * phase_x[:, None, :] * point_hat
             spec = term if spec is None else spec + term
-        conv = torch.fft.irfft2(spec, s=(ny, nx))
+        if spec is None:
+            zero = torch.zeros(B, self.height, self.width, dtype=self.dtype, device=self.device)
+            return (zero, zero, zero) if shift else zero
+        out = self._to_pixels(torch.fft.irfft2(spec, s=(ny, nx)), B)
+        if not shift:
+            return out
+        # moving the image by +1 pixel (k cells): d/dx0 = -k d/dx, i.e. -2 pi i f k in Fourier
+        # space (the Nyquist frequencies, whose derivative is undefined, left out)
+        fx = torch.where(torch.abs(self._fx) < 0.5, self._fx, torch.zeros_like(self._fx))
+        fy = torch.where(torch.abs(self._fy) < 0.5, self._fy, torch.zeros_like(self._fy))
+        dx = self._to_pixels(torch.fft.irfft2(spec * (-2j * math.pi * self.k * fx), s=(ny, nx)), B)
+        dy = self._to_pixels(torch.fft.irfft2(spec * (-2j * math.pi * self.k * fy)[:, None], s=(ny, nx)), B)
+        return out, dx, dy
+
+    def _to_pixels(self, conv, B):
+        """The stamp's pixels from the convolved render grid (cropped; sampled or binned when
+        the PSF is oversampled)."""
         k = self.k
         conv = conv[:, self.hy:self.hy + self.height * k, self.hx:self.hx + self.width * k]
         if k == 1:

@@ -75,6 +75,8 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
     scale = torch.zeros(B, P, dtype=dt, device=dev)  # damping scale: the largest diag(A) so far
     stale = active.clone()            # galaxies whose normal equations must be (re)computed
     resid = None                      # residuals at z of the galaxies whose step was accepted
+    carry = bool(getattr(problem, "carries_shift", False))
+    shift = None                      # ... and the model's shift derivatives there (see FitProblem)
     active = active.clone()
     eye = torch.eye(P, dtype=dt, device=dev)
     # a float32 model's chi2 and finite-difference Jacobian are too noisy to see changes below a
@@ -87,7 +89,9 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         # which are near their optimum, and which are still running
         todo = torch.nonzero(stale & active).reshape(-1)
         if todo.numel():
-            Ai, gi, c2 = problem.normal_equations(z[todo], todo, residuals=None if resid is None else resid[todo])
+            extra = {"shift": shift[todo]} if carry and shift is not None else {}
+            Ai, gi, c2 = problem.normal_equations(z[todo], todo, residuals=None if resid is None else resid[todo],
+                                                  **extra)
             A[todo], g[todo], chi2[todo] = Ai, gi, c2
             scale[todo] = torch.maximum(scale[todo], torch.diagonal(Ai, dim1=1, dim2=2))
             bad = ~torch.isfinite(c2) | ~torch.isfinite(Ai).all(dim=(1, 2)) | ~torch.isfinite(gi).all(dim=1)
@@ -146,7 +150,10 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
             ratio = per.scatter_reduce(1, gi_, step.abs() / cap, "amax").gather(1, gi_)
         step = step / ratio.clamp(min=1.0)
         z_try = z[idx] + step
-        r_try = problem.residuals(z_try, idx)
+        if carry:
+            r_try, s_try = problem.residuals(z_try, idx, shift=True)
+        else:
+            r_try = problem.residuals(z_try, idx)
         chi2_try = (r_try * r_try).sum(1)
         old = chi2[idx]
         accept = solvable & torch.isfinite(chi2_try) & (chi2_try <= old)
@@ -160,6 +167,10 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         if resid is None:
             resid = torch.zeros(B, r_try.shape[1], dtype=dt, device=dev)
         resid[idx] = torch.where(accept[:, None], r_try, resid[idx])
+        if carry:
+            if shift is None:
+                shift = torch.zeros(B, *s_try.shape[1:], dtype=dt, device=dev)
+            shift[idx] = torch.where(accept[:, None, None], s_try, shift[idx])
         n_iter[idx] += 1
         status[idx[done]] = int(Status.CONVERGED)
         active[idx[done]] = False

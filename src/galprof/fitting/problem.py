@@ -92,6 +92,10 @@ class FitProblem:
         self._bounded = [(j, layout.transform(key)) for j, key in enumerate(layout.free)
                          if any(b is not None for b in layout.bounds(key))]
         self._fd_groups = self._component_groups() if jacobian == "finite-difference" else None
+        #: with a single flux component and a band-limited PSF, the Jacobian columns of its free
+        #: centre are the model's shift derivatives (Fourier space, no render of their own); the
+        #: optimiser may carry them from its trial render (``residuals(..., shift=True)``)
+        self.carries_shift = self._fd_groups is not None and statistic == "chi2" and self._shift_plan()
         #: above this size the finite-difference Jacobian of a batch is not held whole: its normal
         #: equations are accumulated group by group (:meth:`_streamed_normal_equations`)
         self.max_jacobian_bytes = max_jacobian_bytes
@@ -142,6 +146,31 @@ class FitProblem:
             return None
         return plan
 
+    def _shift_plan(self) -> bool:
+        """Mark the finite-difference groups whose columns include the free centre of the model's
+        only flux component (see ``carries_shift``); True when there is one."""
+        flux = [c for c in self.renderer.model.components if c.profile.kind in ("elliptical", "point")]
+        if len(flux) != 1 or not self.renderer.shift_derivatives_ok:
+            return False
+        name = flux[0].name
+        found = False
+        for i, (comps, rest, base, mag, cols) in enumerate(self._fd_groups):
+            if comps != [name]:
+                continue
+            shift = []
+            for axis, key in enumerate((f"{name}.x0", f"{name}.y0")):
+                if key in self.layout.free and self.layout.reached_by(key) == {key}:
+                    shift.append((self.layout.free.index(key), axis))
+            if shift:
+                drop = {j for j, _ in shift}
+                kept = torch.tensor([j for j in cols.tolist() if j not in drop], dtype=torch.long, device=cols.device)
+                # a batch mixing band-limited PSFs with others keeps the finite differences of the
+                # centre for the others (a galaxy's fit never depends on its batch)
+                mixed = None if self.renderer._all_core else cols
+                self._fd_groups[i] = (comps, rest, base, mag, kept, shift, mixed)
+                found = True
+        return found
+
     def at_bound(self, z: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
         """(b, P) bool: free parameters that sit at a bound, where the derivative of their
         transform has fallen below ``tol`` times its largest value (an interval's sigmoid is
@@ -169,15 +198,23 @@ class FitProblem:
             sw = sw * self.multiplicity[index].to(sw.dtype).sqrt()
         return sw
 
-    def residuals(self, z: torch.Tensor, index: torch.Tensor, pearson: torch.Tensor | None = None) -> torch.Tensor:
+    def residuals(self, z: torch.Tensor, index: torch.Tensor, pearson: torch.Tensor | None = None,
+                  shift: bool = False):
         """(b, H*W) residuals of the rows ``index``.
+
+        ``shift=True`` (where ``carries_shift``) returns ``(residuals, shift)``, ``shift``
+        (b, H*W, 2) the weighted derivatives of the model with respect to moving it by one pixel
+        along x and y, to hand back to :meth:`normal_equations` at the same point.
 
         ``pearson`` (b, H, W), a fixed model image, replaces the statistic by Pearson's
         ``(model - data) / sqrt(pearson)``, whose ``J^T J`` is the Poisson Fisher information
         (used for the covariance of Cash fits).
         """
         g = index if self.rows is None else self.rows[index]
-        model = self.renderer(self.values(z, index), check=False, index=g)
+        if shift:
+            model, dx, dy = self.renderer(self.values(z, index), check=False, index=g, shift_derivatives=True)
+        else:
+            model = self.renderer(self.values(z, index), check=False, index=g)
         data = self.batch.images[g]
         sw = self._sqrt_weights(index)
         if pearson is not None:
@@ -190,19 +227,30 @@ class FitProblem:
             r = poisson_deviance_residuals(torch.where(good, model, one), torch.where(good, data, one)) * sw
         else:
             r = (model - data) * sw
-        return r.reshape(r.shape[0], -1)
+        r = r.reshape(r.shape[0], -1)
+        if shift:
+            return r, torch.stack([(dx * sw).reshape(r.shape), (dy * sw).reshape(r.shape)], dim=2)
+        return r
 
-    def _group_columns(self, z, index, zp, h, r, group, values, sw, model_sw):
+    def _group_columns(self, z, index, zp, h, r, group, values, sw, model_sw, shift=None):
         """(b, N, k) forward-difference columns of one group of :meth:`_component_groups` (its
-        columns ``cols`` and ``mag`` together, in that order) and their indices."""
-        comps, rest, base, mag, cols = group
+        columns ``cols``, ``mag`` and the centre's shift columns together, in that order) and
+        their indices. ``shift`` (b, N, 2): the weighted shift derivatives at ``z``, if known."""
+        comps, rest, base, mag, cols = group[:5]
+        centre, mixed = group[5:] if len(group) > 5 else ([], None)
+        if mixed is not None:
+            cols = mixed
         b, P = z.shape
         g = index if self.rows is None else self.rows[index]
 
         def render(vals, rows, comps):
             return self.renderer(vals, check=False, index=rows, components=comps).reshape(rows.shape[0], -1)
 
-        if base == "model":
+        if centre and shift is None:
+            img, dx, dy = self.renderer(values, check=False, index=g, components=comps, shift_derivatives=True)
+            shift = torch.stack([(dx.reshape(b, -1) * sw), (dy.reshape(b, -1) * sw)], dim=2)
+            base_sw = img.reshape(b, -1) * sw
+        elif base == "model":
             base_sw = model_sw
         elif base == "minus":
             base_sw = model_sw - render(values, g, rest) * sw
@@ -222,9 +270,22 @@ class FitProblem:
             dm = self.values(zp[mag], index)[key] - values[key]
             out.append((base_sw * (torch.pow(10.0, -0.4 * dm) - 1.0)[:, None] / h[:, mag][:, None])[:, :, None])
             idx.append(mag)
+        if mixed is not None:
+            use = self.renderer.fourier_core
+            use = use.expand(self.renderer.batch_size)[g].view(-1, 1)
+        for j, axis in centre:
+            # d model / d z = (d model / d x0) (d x0 / d z)
+            dxdz = self.layout.transform(self.layout.free[j]).derivative(z[:, j])
+            col = shift[:, :, axis] * dxdz[:, None]
+            if mixed is None:
+                out.append(col[:, :, None])
+                idx.append(j)
+            else:
+                at = idx.index(j)
+                out[0][:, :, at] = torch.where(use, col, out[0][:, :, at])
         return torch.cat(out, dim=2), idx
 
-    def _jacobian_parts(self, z, index, zp, h, r):
+    def _jacobian_parts(self, z, index, zp, h, r, shift=None):
         """Yields ``(columns (b, N, k), their indices)`` group by group (see :meth:`_component_groups`)."""
         b = z.shape[0]
         g = index if self.rows is None else self.rows[index]
@@ -232,19 +293,19 @@ class FitProblem:
         model_sw = r + self.batch.images[g].reshape(b, -1) * sw     # sqrt(w) model, from r
         values = self.values(z, index)
         for group in self._fd_groups:
-            yield lambda group=group: self._group_columns(z, index, zp, h, r, group, values, sw, model_sw)
+            yield lambda group=group: self._group_columns(z, index, zp, h, r, group, values, sw, model_sw, shift)
 
-    def _grouped_jacobian(self, z, index, zp, h, r):
+    def _grouped_jacobian(self, z, index, zp, h, r, shift=None):
         """(b, N, P) forward differences by component groups (see :meth:`_component_groups`);
         ``zp`` (P, b, P) holds the perturbed points, ``r`` the residuals at ``z``."""
         b, P = z.shape
         J = torch.empty(b, r.shape[1], P, dtype=z.dtype, device=z.device)
-        for part in self._jacobian_parts(z, index, zp, h, r):
+        for part in self._jacobian_parts(z, index, zp, h, r, shift):
             cols, idx = part()
             J[:, :, idx] = cols
         return J
 
-    def _streamed_normal_equations(self, z, index, zp, h, r):
+    def _streamed_normal_equations(self, z, index, zp, h, r, shift=None):
         """``J^T J`` and ``J^T r`` group by group, holding at most two groups' columns: each pair of
         groups is rendered again (about G / 2 times the renders of the whole Jacobian, for G
         groups), so that memory stays bounded for large stamps with many parameters."""
@@ -252,7 +313,7 @@ class FitProblem:
         f64 = torch.float64
         A = torch.zeros(b, P, P, dtype=f64, device=z.device)
         g = torch.zeros(b, P, dtype=f64, device=z.device)
-        parts = list(self._jacobian_parts(z, index, zp, h, r))
+        parts = list(self._jacobian_parts(z, index, zp, h, r, shift))
         for i, part in enumerate(parts):
             Ji, ii = part()
             Ji = Ji.to(f64)
@@ -268,7 +329,7 @@ class FitProblem:
         return A.to(z.dtype), g.to(z.dtype), (r.to(f64) ** 2).sum(1).to(z.dtype)
 
     def normal_equations(self, z: torch.Tensor, index: torch.Tensor, *, fisher: bool = False,
-                         residuals: torch.Tensor | None = None):
+                         residuals: torch.Tensor | None = None, shift: torch.Tensor | None = None):
         """``J^T J`` (b, P, P), ``J^T r`` (b, P) and ``chi2`` (b,) at ``z``.
 
         J is built one column at a time (forward mode), so memory is that of P residual
@@ -276,7 +337,9 @@ class FitProblem:
         covariance) makes ``J^T J`` the Fisher information of the statistic: for chi2 it is
         already; for Cash it is ``sum (dm/dtheta)^2 / m`` (Pearson weights at ``z``), and the
         returned chi2 and gradient are then Pearson's. ``residuals`` (b, N), those at ``z``
-        when the caller has them (the optimiser's accepted trial step), spares one render.
+        when the caller has them (the optimiser's accepted trial step), spares one render;
+        ``shift`` (b, N, 2), the shift derivatives from the same render (``residuals(...,
+        shift=True)``), spares the renders of the centre's columns.
         """
         b, P = z.shape
         resid = self.residuals
@@ -295,12 +358,13 @@ class FitProblem:
             eye = torch.eye(P, dtype=z.dtype, device=z.device)
             zp = zp + eye[:, None, :] * h[None]
             r = resid(z, index) if residuals is None or fisher else residuals
+            shift = None if residuals is None or fisher else shift
             # (for chi2 the Fisher information is J^T J itself)
             grouped = self._fd_groups is not None and self.statistic == "chi2"
             if grouped and b * r.shape[1] * P * z.element_size() > self.max_jacobian_bytes and len(self._fd_groups) > 1:
-                return self._streamed_normal_equations(z, index, zp, h, r)
+                return self._streamed_normal_equations(z, index, zp, h, r, shift)
             if grouped:
-                J = self._grouped_jacobian(z, index, zp, h, r)
+                J = self._grouped_jacobian(z, index, zp, h, r, shift)
             else:
                 rp = resid(zp.reshape(P * b, P), index.repeat(P)).reshape(P, b, -1)
                 J = ((rp - r[None]) / h.T[:, :, None]).permute(1, 2, 0)           # (b, N, P)
