@@ -206,7 +206,8 @@ def test_cli_field_from_detection(tmp_path):
 
 
 def test_large_batches_render_in_cell_chunks():
-    """A batch rendered a few stamps per call (the cell budget of large stamps) is the same batch."""
+    """A batch rendered a few stamps per call (the cell budget of large stamps) is the same batch
+    (to rounding: torch's FFT of even lengths vectorises over the batch)."""
     from galprof.render import RenderOptions
 
     data, sigma, psf, truth, starts = galsim_field(3, n_src=3, size=64)
@@ -216,7 +217,8 @@ def test_large_batches_render_in_cell_chunks():
             **{f"g.{k}": torch.as_tensor(starts[f"g.{k}"]) for k in NAMES}}
     hr, wr = whole.render_shape
     chunked = Renderer(model, [(64, 64)] * 3, psf, options=RenderOptions(chunk_cells=hr * wr))
-    assert torch.equal(whole(vals), chunked(vals))
+    a, b = whole(vals), chunked(vals)
+    assert float((a - b).abs().max()) <= 1e-14 * float(a.abs().max())
 
 
 def test_float32_fit_sums_in_float64():

@@ -319,7 +319,8 @@ def test_sigkill_at_random_moments_then_resume(survey, tmp_path):
     assert list(res["id"]) == list(ref["id"])  # complete, in order, no duplicates
     for c in ref.colnames:
         if ref[c].dtype.kind == "f":
-            np.testing.assert_array_equal(res[c], ref[c], err_msg=c)
+            # to rounding: a galaxy's FFTs round according to how many galaxies share the call
+            np.testing.assert_allclose(res[c], ref[c], rtol=1e-12, atol=1e-12, err_msg=c)
         else:
             assert list(res[c]) == list(ref[c]), c
 

@@ -114,10 +114,10 @@ class RenderOptions:
     radial_order: int = 12
     fourier_core: bool | None = None
     core_radius: float = 2.0
-    core_sampling: int = 8
-    core_dense: float = 3.0
+    core_sampling: int = 4
+    core_dense: float = 2.0
     core_coarse: int = 4
-    core_order: int = 2
+    core_order: int = 3
     core_exact: int = 2
     chunk: int | None = None
     chunk_cells: int | None = None
@@ -139,8 +139,10 @@ class RenderOptions:
 
 
 def fast_fft_size(n: int) -> int:
-    """Smallest integer >= n whose prime factors are 2, 3, 5 and 7."""
-    m = max(int(n), 1)
+    """Smallest even integer >= n whose prime factors are 2, 3, 5 and 7 (odd lengths make
+    torch's real FFTs 1.3 to 2.5 times slower on a CPU: 189 against 192)."""
+    m = max(int(n), 2)
+    m += m % 2
     while True:
         r = m
         for p in (2, 3, 5, 7):
@@ -148,7 +150,7 @@ def fast_fft_size(n: int) -> int:
                 r //= p
         if r == 1:
             return m
-        m += 1
+        m += 2
 
 
 def prepare_psf(psf, *, index: int | None = None) -> np.ndarray:
@@ -927,9 +929,11 @@ def _stencil_cells(g: torch.Tensor) -> torch.Tensor:
     a grid two cells larger on every side: the one-axis filter ``1 + d^2/24 - 17 d^4/5760``
     applied along x, then along y (the product's extra terms are of eighth and higher order).
     Returns (..., H, W)."""
-    h = _ST0 * g[..., 2:-2] + _ST1 * (g[..., 1:-3] + g[..., 3:-1]) + _ST2 * (g[..., :-4] + g[..., 4:])
-    return (_ST0 * h[..., 2:-2, :] + _ST1 * (h[..., 1:-3, :] + h[..., 3:-1, :])
-            + _ST2 * (h[..., :-4, :] + h[..., 4:, :]))
+    a, b = _ST1 / _ST0, _ST2 / _ST1   # the filter is _ST0 (1, a, a b) on offsets (0, +-1, +-2)
+    h = torch.add(g[..., 1:-3], g[..., 3:-1]).add_(torch.add(g[..., :-4], g[..., 4:]), alpha=b)
+    h = torch.add(g[..., 2:-2], h, alpha=a)
+    v = torch.add(h[..., 1:-3, :], h[..., 3:-1, :]).add_(torch.add(h[..., :-4, :], h[..., 4:, :]), alpha=b)
+    return torch.add(h[..., 2:-2, :], v, alpha=a).mul_(_ST0 * _ST0)
 
 
 def _fold_weight(f: torch.Tensor) -> torch.Tensor:
