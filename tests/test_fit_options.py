@@ -205,3 +205,37 @@ def test_shift_derivative_columns_give_the_finite_difference_fits(monkeypatch):
     for k in on.free:
         assert np.all(np.abs(on.values[k] - off.values[k]) <= 0.01 * off.errors[k]), k
         np.testing.assert_allclose(on.errors[k], off.errors[k], rtol=0.01, err_msg=k)
+
+
+def test_covariance_reuses_the_solver_normal_matrix_only_where_it_is_at_the_optimum(monkeypatch):
+    """Galaxies stopped by the Newton decrement leave J^T W J computed at their final point: the
+    covariance takes it (no new Jacobian) and equals the one computed again."""
+    import galprof.fitting.api as api
+    from galprof.fitting import levenberg_marquardt
+
+    rng = np.random.default_rng(11)
+    truths = [dict(re=3.0, n=1.5), dict(re=2.0, n=3.0), dict(re=5.0, n=0.8, q=0.4)]
+    images = [galaxy(**t) + rng.normal(0, 1.0, (SIZE, SIZE)) for t in truths]
+    sig = [np.ones((SIZE, SIZE))] * len(images)
+    seen = {}
+
+    def keep(*a, **k):
+        out = levenberg_marquardt(*a, **k)
+        seen.update(a[4] if len(a) > 4 else k.get("state") or {})
+        return out
+
+    monkeypatch.setattr(api, "levenberg_marquardt", keep)
+    reused = galprof.fit(model(), images, sig, psf=PSF)
+    assert seen["fresh"].sum() >= 2          # (the others get theirs computed again)
+
+    def stale(*a, **k):
+        out = keep(*a, **k)
+        st = a[4] if len(a) > 4 else k.get("state")
+        st["fresh"] = torch.zeros_like(st["fresh"])
+        return out
+
+    monkeypatch.setattr(api, "levenberg_marquardt", stale)
+    again = galprof.fit(model(), images, sig, psf=PSF)
+    for k in reused.free:
+        np.testing.assert_allclose(reused.errors[k], again.errors[k], rtol=1e-6, err_msg=k)
+        np.testing.assert_array_equal(reused.values[k], again.values[k])

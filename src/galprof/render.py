@@ -72,6 +72,8 @@ class RenderOptions:
         Half-size, in cells, of the window around each centre that is integrated exactly.
     angular_order, radial_order : int
         Quadrature points per triangle (angle) and per radial panel in that window.
+    core_angular_order, core_radial_order : int
+        The same for the exactly integrated central panels of the core transform (below).
     fourier_core : bool or None
         With a PSF, transform each component's steep core in Fourier space (below). ``None``
         (default): for every galaxy whose PSF is band-limited (its transform beyond 0.45
@@ -112,6 +114,8 @@ class RenderOptions:
     window: int = 3
     angular_order: int = 16
     radial_order: int = 12
+    core_angular_order: int = 8
+    core_radial_order: int = 12
     fourier_core: bool | None = None
     core_radius: float = 2.0
     core_sampling: int = 4
@@ -794,7 +798,7 @@ class Renderer:
         scale = torch.sqrt((ax * ax + ay * ay) * (bx * bx + by * by))
         live = torch.abs(cross) > 64 * torch.finfo(dt).eps * scale
         theta_a = torch.atan2(ay, ax)
-        tau, wtau = gauss_legendre(o.angular_order, dtype=dt, device=dev)
+        tau, wtau = gauss_legendre(o.core_angular_order if moments else o.angular_order, dtype=dt, device=dev)
         theta = theta_a[..., None] + dtheta[..., None] * tau          # (B, E1, E2, Mt)
         ex, ey = torch.cos(theta), torch.sin(theta)
         den = ex * (by - ay)[..., None] - ey * (bx - ax)[..., None]
@@ -805,7 +809,8 @@ class Renderer:
         else:
             C = (c0 + 2.0).view(B, 1, 1, 1)
             g = (torch.abs(ex) ** C + torch.abs(ey) ** C) ** (1.0 / C)
-        radial = self._radial_integral(prof, shape, R, g, tiny, 3 if moments else 1)
+        radial = self._radial_integral(prof, shape, R, g, tiny, 3 if moments else 1,
+                                       o.core_radial_order if moments else o.radial_order)
         if moments:
             angular = (torch.ones_like(ex), ex, ey, ex * ex, ex * ey, ey * ey)
             powers = (0, 1, 1, 2, 2, 2)
@@ -818,14 +823,14 @@ class Renderer:
             out.append(torch.where(live, tri, torch.zeros_like(tri)))
         return tuple(out)
 
-    def _radial_integral(self, prof, shape, R, g, tiny, n_powers=1):
+    def _radial_integral(self, prof, shape, R, g, tiny, n_powers=1, order=None):
         """``int_0^R rho^(1+k) f(rho g) drho`` for k < n_powers, by Gauss–Legendre panels:
         [0, r1] graded to the central cusp, then logarithmic panels between the profile's radii
         and up to R. Returns a list indexed by k."""
         o = self.options
         B = R.shape[0]
         nd = R.ndim + 1
-        t, w = gauss_legendre(o.radial_order, dtype=self.dtype, device=self.device)
+        t, w = gauss_legendre(order or o.radial_order, dtype=self.dtype, device=self.device)
         p = {k: v.view(B, *([1] * (nd - 1))) for k, v in shape.items()}
         pr = {k: v.view(B, *([1] * (R.ndim - 1))) for k, v in shape.items()}
         gg = 1.0 if g is None else g
@@ -841,13 +846,13 @@ class Renderer:
         # nodes at the very centre would underflow to 0, where a cusp's derivative is infinite
         rho = (r1 * t ** power).clamp(min=tiny ** 0.5)
         base = r1 * r1 * (power * t ** (2.0 * power - 1.0) * w) * prof.radial(rho * gn, p)
-        totals = [(base * rho ** k).sum(-1) for k in range(n_powers)]
+        totals = [m.sum(-1) for m in _radial_moments(base, rho, n_powers)]
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             lo, hi = lo[..., None], hi[..., None]
             span = torch.log(hi / lo)
             rho = lo * torch.exp(span * t)
             base = span * (rho * rho * w) * prof.radial(rho * gn, p)
-            totals = [tot + (base * rho ** k).sum(-1) for k, tot in enumerate(totals)]
+            totals = [tot + m.sum(-1) for tot, m in zip(totals, _radial_moments(base, rho, n_powers))]
         return totals
 
     # -- convolution and point sources -------------------------------------------------
@@ -922,6 +927,14 @@ def _is_fixed_zero(param) -> bool:
 _ST2 = -17.0 / 5760.0
 _ST1 = 1.0 / 24.0 - 4.0 * _ST2
 _ST0 = 1.0 - 2.0 / 24.0 + 6.0 * _ST2
+
+
+def _radial_moments(base, rho, n):
+    """``base rho^k`` for k < n, by products (no powers)."""
+    out = [base]
+    for _ in range(n - 1):
+        out.append(out[-1] * rho)
+    return out
 
 
 def _stencil_cells(g: torch.Tensor) -> torch.Tensor:

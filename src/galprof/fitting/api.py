@@ -134,19 +134,22 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
     problem = FitProblem(renderer, layout, batch, jacobian=jacobian, statistic=statistic,
                          max_jacobian_bytes=max_jacobian_bytes)
     solve = _solver(optimizer, options)
-    z, chi2, n_iter, status = solve(problem, z0, active)
+    state: dict = {}
+    z, chi2, n_iter, status = solve(problem, z0, active, state)
     if restarts:
         gen = torch.Generator(device=device)
         gen.manual_seed(0 if seed is None else int(seed))
         for _ in range(restarts):
             noise = torch.randn(z0.shape, generator=gen, dtype=dtype, device=device)
-            z_r, chi2_r, n_r, status_r = solve(problem, z0 + restart_scale * problem.step_scale * noise, active)
+            z_r, chi2_r, n_r, status_r = solve(problem, z0 + restart_scale * problem.step_scale * noise, active, None)
             better = (chi2_r < chi2) & (status_r != int(Status.NONFINITE)) | ~torch.isfinite(chi2)
             better &= active
             z = torch.where(better[:, None], z_r, z)
             chi2 = torch.where(better, chi2_r, chi2)
             status = torch.where(better, status_r, status)
             n_iter = n_iter + n_r
+            if "fresh" in state:
+                state["fresh"] = state["fresh"] & ~better
 
     # covariance at the optimum, from the same forward model (PSF included)
     keys = layout.keys
@@ -154,7 +157,15 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
     cov = torch.full((B, K, K), float("nan"), dtype=dtype, device=device)
     fitted = torch.nonzero(status != int(Status.BAD_INPUT)).reshape(-1)
     if fitted.numel() and P and uncertainty != "none":
-        A, _, chi2_f = problem.normal_equations(z[fitted], fitted, fisher=True)
+        if statistic == "chi2" and "fresh" in state:
+            # J^T W J where the optimiser left it at the optimum; computed again elsewhere
+            fresh = state["fresh"][fitted]
+            A, chi2_f = state["A"][fitted].clone(), chi2[fitted].clone()
+            redo = torch.nonzero(~fresh).reshape(-1)
+            if redo.numel():
+                A[redo], _, chi2_f[redo] = problem.normal_equations(z[fitted[redo]], fitted[redo], fisher=True)
+        else:
+            A, _, chi2_f = problem.normal_equations(z[fitted], fitted, fisher=True)
         L, info = torch.linalg.cholesky_ex(A)
         eye = torch.eye(P, dtype=dtype, device=device)
         good = (info == 0) & torch.isfinite(chi2_f)
@@ -227,12 +238,12 @@ def _solver(optimizer, options):
     if optimizer == "lm":
         if options is not None and not isinstance(options, LMOptions):
             raise TypeError("optimizer 'lm' takes LMOptions")
-        return lambda problem, z0, active: levenberg_marquardt(problem, z0, active, options)
+        return lambda problem, z0, active, state=None: levenberg_marquardt(problem, z0, active, options, state)
     if options is not None and not isinstance(options, AdamOptions):
         raise TypeError(f"optimizer {optimizer!r} takes AdamOptions")
     o = options or AdamOptions()
     o = AdamOptions(**{**o.__dict__, "variant": optimizer})
-    return lambda problem, z0, active: adam(problem, z0, active, o)
+    return lambda problem, z0, active, state=None: adam(problem, z0, active, o)
 
 
 def _bootstrap(model, renderer, layout, batch, z, fitted, *, n, fixed, seed, statistic, jacobian, options,

@@ -50,7 +50,7 @@ class LMOptions:
 
 
 def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Tensor,
-                        options: LMOptions | None = None):
+                        options: LMOptions | None = None, state: dict | None = None):
     """Minimise chi2 for every galaxy of the batch at once.
 
     Damping is Marquardt's (``A + lambda diag(A)``), one per galaxy; each iteration makes one
@@ -59,7 +59,10 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
     recomputed only for galaxies whose step was accepted.
 
     Returns ``(z, chi2, n_iter, status)``; galaxies not ``active`` at the start keep their
-    start and status ``BAD_INPUT``.
+    start and status ``BAD_INPUT``. A dict ``state`` receives the last normal equations,
+    ``"A"`` (B, P, P) and ``"fresh"`` (B,): where they were computed at the returned ``z``
+    (a galaxy stopped by the Newton decrement, or after a rejected step), so that a caller
+    needing ``J^T J`` there (the covariance) need not compute it again.
     """
     o = options or LMOptions()
     z = z0.clone()
@@ -93,6 +96,7 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
             Ai, gi, c2 = problem.normal_equations(z[todo], todo, residuals=None if resid is None else resid[todo],
                                                   **extra)
             A[todo], g[todo], chi2[todo] = Ai, gi, c2
+            stale[todo] = False
             scale[todo] = torch.maximum(scale[todo], torch.diagonal(Ai, dim1=1, dim2=2))
             bad = ~torch.isfinite(c2) | ~torch.isfinite(Ai).all(dim=(1, 2)) | ~torch.isfinite(gi).all(dim=1)
             status[todo[bad]] = int(Status.NONFINITE)
@@ -174,4 +178,8 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         n_iter[idx] += 1
         status[idx[done]] = int(Status.CONVERGED)
         active[idx[done]] = False
+    if state is not None:
+        started = status != int(Status.BAD_INPUT)
+        state["A"] = A
+        state["fresh"] = started & ~stale & torch.isfinite(A).all(dim=(1, 2)) & torch.isfinite(chi2)
     return z, chi2, n_iter, status
