@@ -18,12 +18,14 @@ Model: one Sérsic convolved with that PSF, zeropoint 0, no sky. Fitters:
   its PA is GALFIT's (counter-clockwise from +y), ``axis_r`` = q and ``eff_r`` = r_e (semi-major);
   a fit that ends with ``axis_r`` > 1 is turned into the same ellipse with q = 1 / axis_r,
   r_e x axis_r, PA + 90. "Converged": the galaxy met GALMOSS's own early-stopping criterion.
-* ``pyimfit``: IMFIT's Levenberg–Marquardt through pyimfit, one galaxy at a time (``maxThreads=1``;
+* ``pyimfit``: IMFIT's Levenberg–Marquardt through pyimfit, one galaxy at a time (``maxThreads`` =
+  ``--threads``, 1 by default, although its process then still uses about 1.4 CPUs on 2 cores;
   the time includes setting up each fit), the PSF image given as is, Sersic with the
   starts converted to IMFIT's parameters by benchmarks/make_imfit_golden.py (ell = 1 - q, I_e
   from mag; same centres and PA) and the same limits as there (ell <= 0.98, n in [0.25, 10]).
 
-Each fitter runs in its own fresh subprocess with OMP_NUM_THREADS=MKL_NUM_THREADS=1; its peak
+Each fitter runs in its own fresh subprocess with OMP_NUM_THREADS=MKL_NUM_THREADS=``--threads``
+(default 1; run the script under ``taskset -c 1`` to hold every fitter to one core); its peak
 memory is that process's maximum resident set size (VmHWM; ``+`` the increase over the
 process's high-water mark just before fitting, after imports and loading the data). Times are wall
 and CPU seconds of the fitting alone (the CPU time is the fairer number on a loaded machine).
@@ -114,6 +116,7 @@ def run_pyimfit(data) -> dict:
     values = {k: np.full(B, np.nan) for k in KEYS}
     converged = np.zeros(B, dtype=bool)
     n_iter = []
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     rss0 = max_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(B):
@@ -121,7 +124,7 @@ def run_pyimfit(data) -> dict:
         desc = imfit_description({**start, "sky": 0.0})
         fs = desc["function_sets"][0]
         fs["function_list"] = [f for f in fs["function_list"] if f["name"] != "FlatSky"]  # no sky in this model
-        fitter = pyimfit.Imfit(desc, psf=psf, maxThreads=1)
+        fitter = pyimfit.Imfit(desc, psf=psf, maxThreads=threads)
         res = fitter.fit(np.asarray(data["images"][i], dtype=np.float64),
                          error=np.asarray(data["sigmas"][i], dtype=np.float64), solver="LM")
         v = to_galprof([*np.asarray(res.params, dtype=np.float64), 0.0])
@@ -130,7 +133,7 @@ def run_pyimfit(data) -> dict:
         converged[i] = bool(res.fitConverged)
         n_iter.append(int(res.nIter))
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"values": values, "converged": converged, "time": dt, "cpu": cpu, "rss0": rss0, "threads": 1,
+    return {"values": values, "converged": converged, "time": dt, "cpu": cpu, "rss0": rss0, "threads": threads,
             "dtype": "float64", "note": f"median iterations {np.median(n_iter):.0f}"}
 
 
@@ -346,6 +349,8 @@ def main(argv=None) -> int:
     ap.add_argument("--galmoss-batch", type=int, default=32)
     ap.add_argument("--galmoss-iterations", type=int, default=1000, help="GALMOSS's iteration cap (its README: 1000)")
     ap.add_argument("--fitters", default=",".join(FITTERS))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads per fitter (torch's, pyimfit's maxThreads, BLAS); default 1")
     ap.add_argument("--json", help="also write the results as JSON to this path")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of results saved with --json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -357,8 +362,10 @@ def main(argv=None) -> int:
     if args.report:
         report(load_rows(args.report))
         return 0
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        THREAD_ENV[k] = str(args.threads)
     for k, v in THREAD_ENV.items():
-        os.environ.setdefault(k, v)
+        os.environ[k] = v
     from fit_throughput import perturbed_starts, simulate
 
     import galprof
