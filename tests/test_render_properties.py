@@ -297,3 +297,44 @@ def test_shift_derivatives_are_the_derivatives_of_the_render(kind, k):
             assert (err < 2e-3).all(), (comp, axis, err)
     with pytest.raises(ModelError):
         galprof.Renderer(m, [(40, 40)], gaussian_psf(sigma=0.3))(shift_derivatives=True)
+
+
+def test_shift_derivatives_with_a_sharp_band_limited_psf():
+    """A 2 px FWHM PSF still counts as band-limited, and the core's mirror frequencies near
+    Nyquist then matter: the shift derivatives take them into account (before the fold)."""
+    psf = gaussian_psf(size=25, sigma=2.0 / 2.3548)
+    m = galprof.load_model({"components": {"g": {"profile": "sersic", "x0": 20.3, "y0": 19.6, "mag": 0.0,
+                                                 "re": 1.0, "n": 4.0, "q": 0.5, "pa": 35.0}}})
+    r = galprof.Renderer(m, [(40, 40)], psf)
+    assert r.shift_derivatives_ok
+    vals = {key: v.clone() for key, v in r.values().items()}
+    _, dx, dy = r(vals, shift_derivatives=True)
+    for axis, d in (("x0", dx), ("y0", dy)):
+        up, down = dict(vals), dict(vals)
+        up[f"g.{axis}"] = vals[f"g.{axis}"] + 1e-5
+        down[f"g.{axis}"] = vals[f"g.{axis}"] - 1e-5
+        fd = (r(up) - r(down)) / 2e-5
+        assert float((d - fd).abs().max() / fd.abs().max()) < 2e-3, axis
+
+
+def test_stencil_only_for_smooth_profiles_and_not_too_flat_galaxies():
+    """The default base rule keeps Gauss–Legendre cells for truncated profiles (Ferrer, King)
+    and for galaxies flatter than q = 0.15, galaxy by galaxy in a batch; the stencil elsewhere."""
+    from galprof import RenderOptions
+
+    psf = gaussian_psf(size=25, sigma=1.6)
+    specs = {"ferrer": {"rout": 15.0, "alpha": 0.5, "beta": 1.0}, "king": {"rc": 3.0, "rt": 15.0, "alpha": 0.5},
+             "sersic": {"re": 8.0, "n": 1.0}}
+    for prof, par in specs.items():
+        m = galprof.load_model({"components": {"g": {"profile": prof, "x0": 30.3, "y0": 31.7, "mag": 0.0,
+                                                     "q": 0.5, "pa": 30.0, **par}}})
+        r = galprof.Renderer(m, [(60, 60)] * 2, psf)
+        vals = {key: v.clone() for key, v in r.values().items()}
+        vals["g.q"] = torch.tensor([0.05, 0.5], dtype=torch.float64)
+        auto = r(vals)
+        gauss = galprof.Renderer(m, [(60, 60)] * 2, psf, options=RenderOptions(base_rule="gauss"))(vals)
+        stencil = galprof.Renderer(m, [(60, 60)] * 2, psf, options=RenderOptions(base_rule="stencil"))(vals)
+        assert torch.equal(auto[0], gauss[0]), prof                   # q = 0.05: Gauss–Legendre
+        assert torch.equal(auto[1], (stencil if prof == "sersic" else gauss)[1]), prof
+        alone = r.__class__(m, [(60, 60)], psf)({k: v[1:] for k, v in vals.items()})
+        assert float((alone[0] - auto[1]).abs().max()) <= 1e-13 * float(auto[1].abs().max()), prof

@@ -44,6 +44,7 @@ __all__ = ["RenderOptions", "Renderer", "render", "prepare_psf", "PSF_KINDS", "f
 
 PSF_KINDS = ("star", "optical")
 _CORE_TRUNCATION = 5.8  # the core window is 1e-6 there
+_STENCIL_MIN_Q = 0.15  # flatter galaxies keep Gauss–Legendre cells (see RenderOptions.base_rule)
 _BAND_LIMIT = 0.1  # PSF transform beyond 0.45 cycles/cell, relative to its total, to use the core
 _FOLD_BAND = (0.4, 0.5)  # cycles/cell: where the core spectrum is folded across Nyquist
 
@@ -308,6 +309,10 @@ class Renderer:
         raw = torch.fft.rfft2(kernel_t)
         ratio = (torch.abs(raw) * edge).amax(dim=(-2, -1)) / torch.abs(raw[:, 0, 0])
         band_limited = ratio < _BAND_LIMIT
+        #: per PSF (1 or B): whether shift derivatives are right: the PSF is band-limited (as
+        #: measured, whatever ``fourier_core`` forces) and the core is transformed separately
+        self.shift_exact = band_limited & (self.options.fourier_core is not False)
+        self._shift_any = bool(self.shift_exact.any())
         if self.options.fourier_core is not None:
             band_limited = torch.full_like(band_limited, bool(self.options.fourier_core))
         #: per PSF (1 or B): whether the Fourier-space core is used
@@ -338,8 +343,9 @@ class Renderer:
         ``shift_derivatives=True`` returns ``(images, d_dx0, d_dy0)``: with them the derivatives
         of the images with respect to moving all rendered components together by one pixel
         along x and along y, taken in Fourier space from the convolved spectrum (``-2 pi i f``
-        times it), at no render's cost. They are the derivatives of the band-limited model: right
-        for the galaxies whose PSF is band-limited (:attr:`fourier_core`), not for the others
+        times it, the core's mirror frequencies differentiated before they are folded), at no
+        render's cost. They are the derivatives of the band-limited model: right for the
+        galaxies whose PSF is band-limited (:attr:`shift_exact`), not for the others
         (:attr:`shift_derivatives_ok`: at least one is).
         """
         n = self.batch_size if index is None else int(index.shape[0])
@@ -352,14 +358,15 @@ class Renderer:
                 raise ParameterError(f"no component named {', '.join(sorted(unknown))} in the model")
             components = list(components)
         if shift_derivatives and not self.shift_derivatives_ok:
-            raise ModelError("shift derivatives need a PSF that is band-limited (for some galaxy of the batch)")
+            raise ModelError("shift derivatives need a band-limited PSF for some galaxy of the batch")
         return self._chunked(values, components, index, shift_derivatives)
 
     @property
     def shift_derivatives_ok(self) -> bool:
-        """Whether :meth:`__call__` can give shift derivatives: a PSF, band-limited (the Fourier
-        core in use) for at least one galaxy; they are right for those galaxies only."""
-        return self._psf_hat is not None and self._any_core
+        """Whether :meth:`__call__` can give shift derivatives: a band-limited PSF with the core
+        transformed separately (:attr:`shift_exact`) for at least one galaxy; they are right
+        for those galaxies only."""
+        return self._psf_hat is not None and self._shift_any
 
     def render_cost(self, components: Sequence[str]) -> float:
         """Relative cost of rendering ``components`` (1 per elliptical or point component; a
@@ -445,10 +452,10 @@ class Renderer:
         extra = None
         for comp in self._elliptical:
             if only is None or comp.name in only:
-                img, spec = self._integrate(comp, values, sl)
+                img, spec = self._integrate(comp, values, sl, shift)
                 acc = img if acc is None else acc + img
                 if spec is not None:
-                    extra = spec if extra is None else extra + spec
+                    extra = spec if extra is None else tuple(a + b for a, b in zip(extra, spec))
         points = [c for c in self._points if only is None or c.name in only]
         if self._psf_hat is None:
             image = acc if acc is not None else torch.zeros(B, hr, wr, dtype=self.dtype, device=self.device)
@@ -479,9 +486,10 @@ class Renderer:
         return mag_to_flux(values[key], self.model.zeropoint)
 
     # -- elliptical profiles ---------------------------------------------------------------
-    def _integrate(self, comp, values, sl) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _integrate(self, comp, values, sl, shift=False):
         """Cell integrals of one elliptical component on the render grid (B, Hr, Wr) and, when
-        its core is transformed separately, the core's spectrum (B, Ny, Nx // 2 + 1)."""
+        its core is transformed separately, the core's spectrum (B, Ny, Nx // 2 + 1) as a tuple:
+        with ``shift``, also its derivatives for moving the centre by one cell along x and y."""
         prof: EllipticalProfile = comp.profile
         name = comp.name
         k = self.k
@@ -509,25 +517,35 @@ class Renderer:
             inside = (X >= 0) & (X <= wr - 1) & (Y >= 0) & (Y <= hr - 1)
             use = self.fourier_core if self.fourier_core.shape[0] == 1 else self.fourier_core[sl]
             core = (inside & use).to(self.dtype)
+        # the stencil (see base_rule) for profiles declared smooth (untruncated), galaxies whose
+        # PSF is band-limited and that are not flatter than q = 0.15 (narrower than a cell across
+        # the minor axis, their light has structure the stencil would alias)
+        rule = self._stencil if getattr(prof, "smooth", False) or self.options.base_rule == "stencil" else "none"
+        use = None
+        if rule != "none":
+            use = (q >= _STENCIL_MIN_Q) if self.options.base_rule != "stencil" else torch.ones_like(q, dtype=torch.bool)
+            if rule == "mixed":
+                fc = self.fourier_core if self.fourier_core.shape[0] == 1 else self.fourier_core[sl]
+                use = use & fc
+            if bool(use.all()):      # one host synchronisation per component and render
+                use = None
+            elif not bool(use.any()):
+                rule = "none"
         flat = None
-        if self._stencil != "none":
+        if rule != "none":
             # f (1 - w) at the cell centres of the grid and two cells beyond it on every side
             xs = torch.arange(-2, wr + 2, dtype=self.dtype, device=self.device).expand(B, wr + 4)
             ys = torch.arange(-2, hr + 2, dtype=self.dtype, device=self.device).expand(B, hr + 4)
             flat = _stencil_cells(self._cells_gauss(prof, shape, geom, xs, ys, 1, core)).reshape(B, -1)
-        if self._stencil != "all":
+        if rule == "none" or use is not None:
             xs = torch.arange(wr, dtype=self.dtype, device=self.device).expand(B, wr)
             ys = torch.arange(hr, dtype=self.dtype, device=self.device).expand(B, hr)
             gauss = self._cells_gauss(prof, shape, geom, xs, ys, self.options.base_order, core).reshape(B, -1)
-            if flat is None:
-                flat = gauss
-            else:
-                # a batch mixing band-limited PSFs with others: each galaxy gets its own rule
-                use = self.fourier_core if self.fourier_core.shape[0] == 1 else self.fourier_core[sl]
-                flat = torch.where(use.view(-1, 1), flat, gauss)
+            # each galaxy gets its own rule: never one that depends on the other galaxies of its batch
+            flat = gauss if flat is None else torch.where(use.view(-1, 1), flat, gauss)
         ic, jc = torch.round(X).detach(), torch.round(Y).detach()
         windows = self.options.refine
-        if self._stencil != "none":
+        if rule != "none":
             # where the core window still falls off (on the scale of core_radius), its high
             # derivatives limit the stencil: Gauss–Legendre cells there
             windows = ((self.options.stencil_margin, self.options.base_order),) + tuple(windows)
@@ -550,8 +568,8 @@ class Renderer:
         image = (flat * (amp / q)[:, None]).reshape(B, hr, wr)
         if core is None:
             return image, None
-        spectrum = self._core_spectrum(prof, shape, geom) * (core * amp)[:, None, None]
-        return image, spectrum
+        weight = (core * amp)[:, None, None]
+        return image, tuple(part * weight for part in self._core_spectrum(prof, shape, geom, shift))
 
     def _taper(self, d):
         """The core window along one axis, ``exp(-x) (1 + x)`` with ``x = d^2 / (2 r^2)``: flat to
@@ -629,7 +647,7 @@ class Renderer:
         self._core_cache = cache
         return cache
 
-    def _core_spectrum(self, prof, shape, geom):
+    def _core_spectrum(self, prof, shape, geom, shift=False):
         """Fourier transform of the cell-integrated core ``f w`` at the FFT frequencies, in units
         of the profile amplitude.
 
@@ -684,15 +702,23 @@ class Renderer:
         phase_x = torch.exp(-2j * math.pi * c["fx"][None, :] * X[:, None]) * c["sinc_x"]
         phase_y = torch.exp(-2j * math.pi * c["fy"][None, :] * Y[:, None]) * c["sinc_y"]
         spec = (c["left"] @ (rows * phase_x[:, None, :])) * phase_y[:, :, None]
-        # fold the mirror frequencies onto the FFT grid
+        if not shift:
+            return (self._fold(spec),)
+        # moving the centre by one cell multiplies each frequency's term, mirror frequencies
+        # included, by -2 pi i f: differentiated before the fold
+        return (self._fold(spec), self._fold(spec * (-2j * math.pi * c["fx"])),
+                self._fold(spec * (-2j * math.pi * c["fy"])[:, None]))
+
+    def _fold(self, spec):
+        """Fold the mirror frequencies of a core spectrum (B, Ny', Nx') onto the FFT grid."""
+        c = self._core_nodes()
         ny, nxh = self._fy.shape[0], self._fx.shape[0]
         base = spec[:, :ny, :nxh]
         mx = spec[:, :ny, nxh:] * c["bx"]
         my = spec[:, ny:, :nxh] * c["by"][:, None]
         mxy = spec[:, ny:, nxh:] * c["by"][:, None] * c["bx"]
         base = base.index_add(2, c["ix_m"], mx)
-        base = base.index_add(1, c["iy_m"], my.index_add(2, c["ix_m"], mxy))
-        return base
+        return base.index_add(1, c["iy_m"], my.index_add(2, c["ix_m"], mxy))
 
     def _window_cells(self, ic, jc, half):
         """Flat indices, in-grid flags and cell-centre coordinates of the (2 half + 1)^2 window
@@ -861,12 +887,22 @@ class Renderer:
         hr, wr = self.render_shape
         psf_hat = self._psf_hat if self._psf_hat.shape[0] == 1 else self._psf_hat[sl]
         point_hat = self._point_hat if self._point_hat.shape[0] == 1 else self._point_hat[sl]
-        spec = None
+        # moving the image by +1 pixel (k cells): d/dx0 = -k d/dx, i.e. -2 pi i f k in Fourier
+        # space for the cells and the point sources (the Nyquist frequencies, whose derivative
+        # is undefined, left out); the core's derivatives come with it (before its fold)
+        kx = -2j * math.pi * self.k * torch.where(torch.abs(self._fx) < 0.5, self._fx, torch.zeros_like(self._fx))
+        ky = (-2j * math.pi * self.k * torch.where(torch.abs(self._fy) < 0.5, self._fy, torch.zeros_like(self._fy)))[:, None]
+        spec = dspec_x = dspec_y = None
         if acc is not None:
-            spec = torch.fft.rfft2(acc, s=(ny, nx))
-            if extra is not None:
-                spec = spec + extra
+            cells = torch.fft.rfft2(acc, s=(ny, nx))
+            spec = cells if extra is None else cells + extra[0]
             spec = spec * psf_hat
+            if shift:
+                dspec_x, dspec_y = cells * kx, cells * ky
+                if extra is not None:
+                    dspec_x = dspec_x + self.k * extra[1]
+                    dspec_y = dspec_y + self.k * extra[2]
+                dspec_x, dspec_y = dspec_x * psf_hat, dspec_y * psf_hat
         for comp in points:
             X = self._to_cells_x(values[f"{comp.name}.x0"])
             Y = self._to_cells_y(values[f"{comp.name}.y0"])
@@ -878,18 +914,17 @@ class Renderer:
             phase_x = torch.exp(-2j * math.pi * self._fx[None, :] * X[:, None])
             term = flux[:, None, None] * phase_y[:, :, None] * phase_x[:, None, :] * point_hat
             spec = term if spec is None else spec + term
+            if shift:
+                dspec_x = term * kx if dspec_x is None else dspec_x + term * kx
+                dspec_y = term * ky if dspec_y is None else dspec_y + term * ky
         if spec is None:
             zero = torch.zeros(B, self.height, self.width, dtype=self.dtype, device=self.device)
             return (zero, zero, zero) if shift else zero
         out = self._to_pixels(torch.fft.irfft2(spec, s=(ny, nx)), B)
         if not shift:
             return out
-        # moving the image by +1 pixel (k cells): d/dx0 = -k d/dx, i.e. -2 pi i f k in Fourier
-        # space (the Nyquist frequencies, whose derivative is undefined, left out)
-        fx = torch.where(torch.abs(self._fx) < 0.5, self._fx, torch.zeros_like(self._fx))
-        fy = torch.where(torch.abs(self._fy) < 0.5, self._fy, torch.zeros_like(self._fy))
-        dx = self._to_pixels(torch.fft.irfft2(spec * (-2j * math.pi * self.k * fx), s=(ny, nx)), B)
-        dy = self._to_pixels(torch.fft.irfft2(spec * (-2j * math.pi * self.k * fy)[:, None], s=(ny, nx)), B)
+        dx = self._to_pixels(torch.fft.irfft2(dspec_x, s=(ny, nx)), B)
+        dy = self._to_pixels(torch.fft.irfft2(dspec_y, s=(ny, nx)), B)
         return out, dx, dy
 
     def _to_pixels(self, conv, B):

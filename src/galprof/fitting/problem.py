@@ -166,7 +166,7 @@ class FitProblem:
                 kept = torch.tensor([j for j in cols.tolist() if j not in drop], dtype=torch.long, device=cols.device)
                 # a batch mixing band-limited PSFs with others keeps the finite differences of the
                 # centre for the others (a galaxy's fit never depends on its batch)
-                mixed = None if self.renderer._all_core else cols
+                mixed = None if bool(self.renderer.shift_exact.all()) else cols
                 self._fd_groups[i] = (comps, rest, base, mag, kept, shift, mixed)
                 found = True
         return found
@@ -271,7 +271,7 @@ class FitProblem:
             out.append((base_sw * (torch.pow(10.0, -0.4 * dm) - 1.0)[:, None] / h[:, mag][:, None])[:, :, None])
             idx.append(mag)
         if mixed is not None:
-            use = self.renderer.fourier_core
+            use = self.renderer.shift_exact
             use = use.expand(self.renderer.batch_size)[g].view(-1, 1)
         for j, axis in centre:
             # d model / d z = (d model / d x0) (d x0 / d z)

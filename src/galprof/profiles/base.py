@@ -118,6 +118,10 @@ class EllipticalProfile(Profile):
 
     kind = "elliptical"
     shape_params: ClassVar[tuple[ParamSpec, ...]] = ()
+    #: True for profiles smooth on the scale of a cell away from their centre (no truncation,
+    #: no edge): the renderer may then integrate their outer cells from one value per cell
+    #: (``RenderOptions.base_rule``); False (Gauss–Legendre everywhere) unless declared
+    smooth: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

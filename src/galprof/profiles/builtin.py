@@ -51,6 +51,7 @@ class Sersic(EllipticalProfile):
     """``f(r) = exp(-b_n (r / r_e)^(1/n))``, ``b_n`` such that half the light is inside ``r_e``."""
 
     name = "sersic"
+    smooth = True
     shape_params = (RE, N)
 
     def derived(self, p):
@@ -77,6 +78,7 @@ class DeVaucouleurs(EllipticalProfile):
     """Sérsic profile with ``n = 4``."""
 
     name = "devauc"
+    smooth = True
     shape_params = (RE,)
 
     def _n(self, like):
@@ -106,6 +108,7 @@ class ExpDisk(EllipticalProfile):
     """``f(r) = exp(-r / r_s)``."""
 
     name = "expdisk"
+    smooth = True
     shape_params = (ParamSpec("rs", kind="length", unit="px", bounds=(0.05, 1000.0), domain=(1e-4, None),
                               doc="disk scale length"),)
 
@@ -124,6 +127,7 @@ class Gaussian(EllipticalProfile):
     """``f(r) = exp(-r^2 / (2 sigma^2))`` with ``sigma = fwhm / (2 sqrt(2 ln 2))``."""
 
     name = "gaussian"
+    smooth = True
     shape_params = (ParamSpec("fwhm", kind="length", unit="px", bounds=(0.05, 1000.0), domain=(1e-4, None),
                               doc="full width at half maximum (major axis)"),)
 
@@ -148,6 +152,7 @@ class Moffat(EllipticalProfile):
     """``f(r) = (1 + (r / alpha)^2)^(-beta)``, ``fwhm = 2 alpha sqrt(2^(1/beta) - 1)``."""
 
     name = "moffat"
+    smooth = True
     shape_params = (
         ParamSpec("fwhm", kind="length", unit="px", bounds=(0.05, 1000.0), domain=(1e-4, None),
                   doc="full width at half maximum (major axis)"),
@@ -280,6 +285,7 @@ class TiltedSky(SkyProfile):
 @register_profile
 class PointSource(PointProfile):
     """A point source: the PSF image scaled to ``mag`` and shifted to ``(x0, y0)``."""
+
 
     name = "psf"
     params = (X0, Y0, MAG)
