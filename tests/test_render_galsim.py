@@ -145,7 +145,7 @@ def test_large_galaxies_with_the_stencil_base_rule_match_galsim():
         values = {f"g.{k}": torch.as_tensor(v) for k, v in zip(["x0", "y0", "mag", "re", "n", "q", "pa"], cols)}
         values["g.c0"] = torch.zeros(len(cases), dtype=torch.float64)
         images[rule] = r(values).numpy()
-    for i, (re, n, q, d, pa) in enumerate(cases):
+    for i, (re, n, q, _d, pa) in enumerate(cases):
         im = galsim.ImageD(128, 128, scale=1.0)
         galsim.Convolve(galsim_galaxy(re, n, q, pa, FFT), moffat, gsparams=FFT).drawImage(
             image=im, center=galsim.PositionD(x0, y0))

@@ -890,8 +890,9 @@ class Renderer:
         # moving the image by +1 pixel (k cells): d/dx0 = -k d/dx, i.e. -2 pi i f k in Fourier
         # space for the cells and the point sources (the Nyquist frequencies, whose derivative
         # is undefined, left out); the core's derivatives come with it (before its fold)
-        kx = -2j * math.pi * self.k * torch.where(torch.abs(self._fx) < 0.5, self._fx, torch.zeros_like(self._fx))
-        ky = (-2j * math.pi * self.k * torch.where(torch.abs(self._fy) < 0.5, self._fy, torch.zeros_like(self._fy)))[:, None]
+        fx = torch.where(torch.abs(self._fx) < 0.5, self._fx, torch.zeros_like(self._fx))
+        fy = torch.where(torch.abs(self._fy) < 0.5, self._fy, torch.zeros_like(self._fy))
+        kx, ky = -2j * math.pi * self.k * fx, (-2j * math.pi * self.k * fy)[:, None]
         spec = dspec_x = dspec_y = None
         if acc is not None:
             cells = torch.fft.rfft2(acc, s=(ny, nx))
