@@ -702,23 +702,21 @@ class Renderer:
         phase_x = torch.exp(-2j * math.pi * c["fx"][None, :] * X[:, None]) * c["sinc_x"]
         phase_y = torch.exp(-2j * math.pi * c["fy"][None, :] * Y[:, None]) * c["sinc_y"]
         spec = (c["left"] @ (rows * phase_x[:, None, :])) * phase_y[:, :, None]
-        if not shift:
-            return (self._fold(spec),)
-        # moving the centre by one cell multiplies each frequency's term, mirror frequencies
-        # included, by -2 pi i f: differentiated before the fold
-        return (self._fold(spec), self._fold(spec * (-2j * math.pi * c["fx"])),
-                self._fold(spec * (-2j * math.pi * c["fy"])[:, None]))
-
-    def _fold(self, spec):
-        """Fold the mirror frequencies of a core spectrum (B, Ny', Nx') onto the FFT grid."""
-        c = self._core_nodes()
+        # fold the mirror frequencies onto the FFT grid
         ny, nxh = self._fy.shape[0], self._fx.shape[0]
         base = spec[:, :ny, :nxh]
         mx = spec[:, :ny, nxh:] * c["bx"]
         my = spec[:, ny:, :nxh] * c["by"][:, None]
         mxy = spec[:, ny:, nxh:] * c["by"][:, None] * c["bx"]
-        base = base.index_add(2, c["ix_m"], mx)
-        return base.index_add(1, c["iy_m"], my.index_add(2, c["ix_m"], mxy))
+        folded = base.index_add(2, c["ix_m"], mx).index_add(1, c["iy_m"], my.index_add(2, c["ix_m"], mxy))
+        if not shift:
+            return (folded,)
+        # moving the centre by one cell multiplies each term by -2 pi i f at its own frequency:
+        # -2 pi i f at the FFT frequency for the folded spectrum, plus, for the terms folded from
+        # a mirror frequency f - sign(f), 2 pi i sign(f) times them (see _convolve)
+        sx = 2j * math.pi * torch.sign(self._fx[c["ix_m"]])
+        sy = (2j * math.pi * torch.sign(self._fy[c["iy_m"]]))[:, None]
+        return folded, mx * sx, mxy * sx, my * sy, mxy * sy
 
     def _window_cells(self, ic, jc, half):
         """Flat indices, in-grid flags and cell-centre coordinates of the (2 half + 1)^2 window
@@ -888,22 +886,28 @@ class Renderer:
         psf_hat = self._psf_hat if self._psf_hat.shape[0] == 1 else self._psf_hat[sl]
         point_hat = self._point_hat if self._point_hat.shape[0] == 1 else self._point_hat[sl]
         # moving the image by +1 pixel (k cells): d/dx0 = -k d/dx, i.e. -2 pi i f k in Fourier
-        # space for the cells and the point sources (the Nyquist frequencies, whose derivative
-        # is undefined, left out); the core's derivatives come with it (before its fold)
+        # space (the Nyquist frequencies, whose derivative is undefined, left out), plus the
+        # correction for the core's terms folded from mirror frequencies
         fx = torch.where(torch.abs(self._fx) < 0.5, self._fx, torch.zeros_like(self._fx))
         fy = torch.where(torch.abs(self._fy) < 0.5, self._fy, torch.zeros_like(self._fy))
         kx, ky = -2j * math.pi * self.k * fx, (-2j * math.pi * self.k * fy)[:, None]
         spec = dspec_x = dspec_y = None
         if acc is not None:
             cells = torch.fft.rfft2(acc, s=(ny, nx))
-            spec = cells if extra is None else cells + extra[0]
-            spec = spec * psf_hat
+            spec = (cells if extra is None else cells + extra[0]) * psf_hat
             if shift:
-                dspec_x, dspec_y = cells * kx, cells * ky
+                dspec_x, dspec_y = spec * kx, spec * ky
                 if extra is not None:
-                    dspec_x = dspec_x + self.k * extra[1]
-                    dspec_y = dspec_y + self.k * extra[2]
-                dspec_x, dspec_y = dspec_x * psf_hat, dspec_y * psf_hat
+                    # the core's terms folded from mirror frequencies (see _core_spectrum), which
+                    # live in a few rows and columns near Nyquist
+                    c = self._core_nodes()
+                    ix, iy = c["ix_m"], c["iy_m"]
+                    cx_mx, cx_mxy, cy_my, cy_mxy = (self.k * e for e in extra[1:])
+                    psf_cols, psf_rows = psf_hat[:, :, ix], psf_hat[:, iy, :]
+                    dspec_x = dspec_x.index_add_(2, ix, cx_mx * psf_cols)
+                    rows_x = torch.zeros_like(cy_my).index_add_(2, ix, cx_mxy) * psf_rows
+                    dspec_x = dspec_x.index_add_(1, iy, rows_x)
+                    dspec_y = dspec_y.index_add_(1, iy, cy_my.index_add(2, ix, cy_mxy) * psf_rows)
         for comp in points:
             X = self._to_cells_x(values[f"{comp.name}.x0"])
             Y = self._to_cells_y(values[f"{comp.name}.y0"])
