@@ -165,7 +165,10 @@ def test_newton_decrement_stop_moves_fits_by_a_negligible_amount():
     # its n bound creeps along a flat valley, where the plain test stops earlier)
     further = on.chi2 < off.chi2 - 1e-5
     for k in on.free:
-        assert np.all((np.abs(on.values[k] - off.values[k]) <= 0.01 * off.errors[k]) | further), k
+        # (a galaxy pinned at a bound may have no covariance, flag SINGULAR, in either run)
+        sigma = np.fmax(on.errors[k], off.errors[k])
+        tol = np.where(np.isfinite(sigma), 0.01 * sigma, 1e-5 * np.abs(off.values[k]))
+        assert np.all((np.abs(on.values[k] - off.values[k]) <= tol) | further), k
     assert further.sum() <= 1
     assert on.n_iter[~further].sum() < off.n_iter[~further].sum()
     fixed = galprof.load_model({"zeropoint": 0.0, "components": {"g": {
