@@ -140,11 +140,13 @@ def test_large_galaxies_with_the_stencil_base_rule_match_galsim():
     images = {}
     for rule in (None, "gauss"):
         r = galprof.Renderer(model, [(128, 128)] * len(cases), psf, options=galprof.RenderOptions(base_rule=rule))
-        assert r._stencil == ("all" if rule is None else "none")
         cols = np.array([(x0, y0, -2.5 * np.log10(FLUX), re, n, q, pa) for re, n, q, d, pa in cases]).T
         values = {f"g.{k}": torch.as_tensor(v) for k, v in zip(["x0", "y0", "mag", "re", "n", "q", "pa"], cols)}
         values["g.c0"] = torch.zeros(len(cases), dtype=torch.float64)
         images[rule] = r(values).numpy()
+    stencil = galprof.Renderer(model, [(128, 128)] * len(cases), psf,
+                               options=galprof.RenderOptions(base_rule="stencil"))(values).numpy()
+    np.testing.assert_array_equal(images[None], stencil)         # the default rule is the stencil here
     for i, (re, n, q, _d, pa) in enumerate(cases):
         im = galsim.ImageD(128, 128, scale=1.0)
         galsim.Convolve(galsim_galaxy(re, n, q, pa, FFT), moffat, gsparams=FFT).drawImage(

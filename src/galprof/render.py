@@ -256,17 +256,8 @@ class Renderer:
         else:
             self._setup_psf(psf, B)
         self.render_shape = (self.height * self.k + 2 * self.hy, self.width * self.k + 2 * self.hx)
-        rule = self.options.base_rule
-        if rule not in (None, "gauss", "stencil"):
-            raise ValueError(f"base_rule must be 'gauss', 'stencil' or None, got {rule!r}")
-        #: base rule of the cells: "all" galaxies by the stencil, "none", or "mixed" (per galaxy,
-        #: the stencil where its PSF is band-limited)
-        if rule == "stencil":
-            self._stencil = "all"
-        elif rule == "gauss" or self._psf_hat is None or not self._any_core:
-            self._stencil = "none"
-        else:
-            self._stencil = "all" if self._all_core else "mixed"
+        if self.options.base_rule not in (None, "gauss", "stencil"):
+            raise ValueError(f"base_rule must be 'gauss', 'stencil' or None, got {self.options.base_rule!r}")
         self._chunking = self.options.chunking(self.device)
 
     # ------------------------------------------------------------------------------------
@@ -511,33 +502,32 @@ class Renderer:
         hr, wr = self.render_shape
         geom = (X, Y, q, sin, cos, c0)
         core = None
+        banded = None
         if self._psf_hat is not None and self._any_core:
             # the core's transform is periodic in the FFT box: use it only for centres inside
             # the render grid (the box has room for the core on every side of that grid)
             inside = (X >= 0) & (X <= wr - 1) & (Y >= 0) & (Y <= hr - 1)
-            use = self.fourier_core if self.fourier_core.shape[0] == 1 else self.fourier_core[sl]
-            core = (inside & use).to(self.dtype)
-        # the stencil (see base_rule) for profiles declared smooth (untruncated), galaxies whose
-        # PSF is band-limited and that are not flatter than q = 0.15 (narrower than a cell across
-        # the minor axis, their light has structure the stencil would alias)
-        rule = self._stencil if getattr(prof, "smooth", False) or self.options.base_rule == "stencil" else "none"
-        use = None
-        if rule != "none":
-            use = (q >= _STENCIL_MIN_Q) if self.options.base_rule != "stencil" else torch.ones_like(q, dtype=torch.bool)
-            if rule == "mixed":
-                fc = self.fourier_core if self.fourier_core.shape[0] == 1 else self.fourier_core[sl]
-                use = use & fc
+            banded = self.fourier_core if self.fourier_core.shape[0] == 1 else self.fourier_core[sl]
+            core = (inside & banded).to(self.dtype)
+        # the base rule, galaxy by galaxy (see base_rule): forced, or the stencil for profiles
+        # declared smooth (untruncated), galaxies whose PSF is band-limited and that are not
+        # flatter than q = 0.15 (narrower than a cell across the minor axis, their light has
+        # structure the stencil would alias); ``use`` None when every galaxy takes the stencil
+        rule = self.options.base_rule
+        stencil, use = rule == "stencil", None
+        if rule is None and prof.smooth and banded is not None:
+            use = (q >= _STENCIL_MIN_Q) & banded
             if bool(use.all()):      # one host synchronisation per component and render
-                use = None
-            elif not bool(use.any()):
-                rule = "none"
+                stencil, use = True, None
+            else:
+                stencil = bool(use.any())
         flat = None
-        if rule != "none":
+        if stencil:
             # f (1 - w) at the cell centres of the grid and two cells beyond it on every side
             xs = torch.arange(-2, wr + 2, dtype=self.dtype, device=self.device).expand(B, wr + 4)
             ys = torch.arange(-2, hr + 2, dtype=self.dtype, device=self.device).expand(B, hr + 4)
             flat = _stencil_cells(self._cells_gauss(prof, shape, geom, xs, ys, 1, core)).reshape(B, -1)
-        if rule == "none" or use is not None:
+        if not stencil or use is not None:
             xs = torch.arange(wr, dtype=self.dtype, device=self.device).expand(B, wr)
             ys = torch.arange(hr, dtype=self.dtype, device=self.device).expand(B, hr)
             gauss = self._cells_gauss(prof, shape, geom, xs, ys, self.options.base_order, core).reshape(B, -1)
@@ -545,7 +535,7 @@ class Renderer:
             flat = gauss if flat is None else torch.where(use.view(-1, 1), flat, gauss)
         ic, jc = torch.round(X).detach(), torch.round(Y).detach()
         windows = self.options.refine
-        if rule != "none":
+        if stencil:
             # where the core window still falls off (on the scale of core_radius), its high
             # derivatives limit the stencil: Gauss–Legendre cells there
             windows = ((self.options.stencil_margin, self.options.base_order),) + tuple(windows)

@@ -162,12 +162,14 @@ class FitProblem:
                 if key in self.layout.free and self.layout.reached_by(key) == {key}:
                     shift.append((self.layout.free.index(key), axis))
             if shift:
-                drop = {j for j, _ in shift}
-                kept = torch.tensor([j for j in cols.tolist() if j not in drop], dtype=torch.long, device=cols.device)
-                # a batch mixing band-limited PSFs with others keeps the finite differences of the
-                # centre for the others (a galaxy's fit never depends on its batch)
-                mixed = None if bool(self.renderer.shift_exact.all()) else cols
-                self._fd_groups[i] = (comps, rest, base, mag, kept, shift, mixed)
+                # a batch mixing band-limited PSFs with others keeps rendering the centre's
+                # finite differences, for the others (a galaxy's fit never depends on its batch)
+                mixed = not bool(self.renderer.shift_exact.all())
+                if not mixed:
+                    drop = {j for j, _ in shift}
+                    cols = torch.tensor([j for j in cols.tolist() if j not in drop], dtype=torch.long,
+                                        device=cols.device)
+                self._fd_groups[i] = (comps, rest, base, mag, cols, shift, mixed)
                 found = True
         return found
 
@@ -237,9 +239,7 @@ class FitProblem:
         columns ``cols``, ``mag`` and the centre's shift columns together, in that order) and
         their indices. ``shift`` (b, N, 2): the weighted shift derivatives at ``z``, if known."""
         comps, rest, base, mag, cols = group[:5]
-        centre, mixed = group[5:] if len(group) > 5 else ([], None)
-        if mixed is not None:
-            cols = mixed
+        centre, mixed = group[5:] if len(group) > 5 else ([], False)
         b, P = z.shape
         g = index if self.rows is None else self.rows[index]
 
@@ -270,14 +270,13 @@ class FitProblem:
             dm = self.values(zp[mag], index)[key] - values[key]
             out.append((base_sw * (torch.pow(10.0, -0.4 * dm) - 1.0)[:, None] / h[:, mag][:, None])[:, :, None])
             idx.append(mag)
-        if mixed is not None:
-            use = self.renderer.shift_exact
-            use = use.expand(self.renderer.batch_size)[g].view(-1, 1)
+        if mixed:
+            use = self.renderer.shift_exact.expand(self.renderer.batch_size)[g].view(-1, 1)
         for j, axis in centre:
             # d model / d z = (d model / d x0) (d x0 / d z)
             dxdz = self.layout.transform(self.layout.free[j]).derivative(z[:, j])
             col = shift[:, :, axis] * dxdz[:, None]
-            if mixed is None:
+            if not mixed:
                 out.append(col[:, :, None])
                 idx.append(j)
             else:
