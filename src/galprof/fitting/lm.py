@@ -113,7 +113,8 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         # a parameter at its bound that the gradient pushes further out is held for this step
         # (as bounded LM codes peg a parameter at its limit); the others are solved without it
         zi = z[idx]
-        pinned = problem.at_bound(zi) & (gi * zi < 0)
+        # (or whose gradient is exactly zero: a transform saturated in this precision)
+        pinned = problem.at_bound(zi) & (gi * zi <= 0)
         keep = (~pinned).to(dt)
         A0 = Ai * keep[:, :, None] * keep[:, None, :] + torch.diag_embed(pinned.to(dt))
         M = A0 + lami[:, None, None] * torch.diag_embed(diag * keep)

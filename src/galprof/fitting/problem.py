@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.func import jvp
 
-from ..params import ParameterLayout
+from ..params import Interval, ParameterLayout, UpperBound
 from ..render import Renderer
 from .data import StampBatch
 
@@ -185,6 +185,38 @@ class FitProblem:
             out[:, j] = d < tol * peak
         return out
 
+    def _fd_steps(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Perturbed values ``zs`` (b, P) of each free parameter for its finite-difference column,
+        and the step ``h`` (b, P) that column is divided by.
+
+        Unbounded parameters step by ``sqrt(eps) max(|z|, 1)``. A bounded parameter steps by that
+        much *physically*, towards the inside of its interval, and ``h = (x(zs) - x(z)) / x'(z)``:
+        the column is then the physical derivative times ``x'(z)``, exact by the chain rule. A
+        step in ``z`` would move a parameter near its bound (a saturated transform) by less than
+        the rounding of the model, and leave its column, and the sign of its gradient, to noise.
+        """
+        eps = torch.finfo(z.dtype).eps
+        h = eps ** 0.5 * torch.maximum(z.abs(), torch.ones_like(z))
+        zs = z + h
+        if not self._bounded:
+            return zs, h
+        zs, h = zs.clone(), h.clone()
+        for j, t in self._bounded:
+            zj = z[:, j]
+            x = t.forward(zj)
+            hx = eps ** 0.5 * torch.clamp(x.abs(), min=1.0)
+            # towards the inside: down from the upper half of an interval or from an upper bound,
+            # up otherwise
+            if isinstance(t, Interval):
+                inward = torch.where(zj > 0, -1.0, 1.0).to(z.dtype)
+            else:
+                inward = torch.full_like(zj, -1.0 if isinstance(t, UpperBound) else 1.0)
+            zj_s = t.inverse(x + inward * hx)
+            zs[:, j] = zj_s
+            # (a transform saturated in this precision has x'(z) = 0: an infinite h, a zero column)
+            h[:, j] = (t.forward(zj_s) - x) / t.derivative(zj)
+        return zs, h
+
     def values(self, z: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.subset(index).physical(z)
 
@@ -351,11 +383,10 @@ class FitProblem:
                     torch.zeros(b, 0, dtype=z.dtype, device=z.device), (r * r).sum(1))
         if self.jacobian == "finite-difference":
             # forward differences, all P perturbed copies rendered as one batch
-            eps = torch.finfo(z.dtype).eps
-            h = eps ** 0.5 * torch.maximum(z.abs(), torch.ones_like(z))           # (b, P)
+            zs, h = self._fd_steps(z)                                             # (b, P) each
             zp = z[None].repeat(P, 1, 1)                                          # (P, b, P)
             eye = torch.eye(P, dtype=z.dtype, device=z.device)
-            zp = zp + eye[:, None, :] * h[None]
+            zp = zp + eye[:, None, :] * (zs - z)[None]
             r = resid(z, index) if residuals is None or fisher else residuals
             shift = None if residuals is None or fisher else shift
             # (for chi2 the Fisher information is J^T J itself)
