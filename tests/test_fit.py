@@ -164,3 +164,38 @@ def test_bulge_disk_fit_with_grouped_finite_differences_equals_autodiff():
     for key in a.free:
         assert abs(b.values[key][0] - a.values[key][0]) < 1e-3 * a.errors[key][0], key
         np.testing.assert_allclose(b.errors[key], a.errors[key], rtol=1e-3)
+
+
+def test_finite_difference_columns_of_parameters_at_their_bounds_are_their_derivatives():
+    """A parameter whose transform is saturated (n pinned at the top of its interval, r_e at its
+    lower bound) still gets its true column: the finite-difference J^T J and J^T r equal forward-
+    mode autodiff's (a step in the optimiser's space would move it by less than the model's
+    rounding, and leave its column and gradient sign to noise)."""
+    import torch
+
+    from galprof.fitting import FitProblem, make_batch
+    from galprof.render import Renderer
+
+    spec = {"zeropoint": 0.0, "components": {"g": dict(START["components"]["g"],
+                                                        n={"value": 1.9, "bounds": [0.3, 2.0]},
+                                                        re={"value": 3.0, "bounds": [1.0, None]})}}
+    model = galprof.load_model(spec)
+    rng = np.random.default_rng(8)
+    batch = make_batch([galsim_image(TRUTHS[0]) + rng.normal(0, 0.5, (SIZE, SIZE))], [np.full((SIZE, SIZE), 0.5)])
+    problems = {j: FitProblem(Renderer(model, batch.shapes, psf_image("star")), model.layout(1), batch, jacobian=j)
+                for j in ("finite-difference", "autodiff")}
+    fd = problems["finite-difference"]
+    z = fd.layout.initial()
+    free = list(fd.layout.free)
+    z[0, free.index("g.n")] = 22.0          # n = 2 - 5e-10: saturated
+    z[0, free.index("g.re")] = -21.0        # r_e = 1 + 8e-10: saturated
+    assert fd.at_bound(z)[0, [free.index("g.n"), free.index("g.re")]].all()
+    index = torch.arange(1)
+    A, g, _ = fd.normal_equations(z, index)
+    A0, g0, _ = problems["autodiff"].normal_equations(z, index)
+    for key in ("g.n", "g.re"):
+        j = free.index(key)
+        assert abs(float(g0[0, j])) > 0
+        np.testing.assert_allclose(float(g[0, j]), float(g0[0, j]), rtol=1e-4)
+        np.testing.assert_allclose(A[0, j].numpy(), A0[0, j].numpy(), rtol=1e-3,
+                                   atol=1e-6 * float(torch.sqrt(A0[0, j, j] * torch.diagonal(A0[0]).max())))

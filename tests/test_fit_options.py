@@ -246,3 +246,25 @@ def test_covariance_reuses_the_solver_normal_matrix_only_where_it_is_at_the_opti
     for k in reused.free:
         np.testing.assert_allclose(reused.errors[k], again.errors[k], rtol=1e-6, err_msg=k)
         np.testing.assert_array_equal(reused.values[k], again.values[k])
+
+
+def test_start_deep_in_the_tail_of_a_bound_returns_inside_quickly():
+    """A start a hair below an upper bound (n = 2.9999 of 3, its transform saturated) when the
+    optimum is well inside: the fit returns to the fit from n = 2 (within 0.01 sigma) in a few
+    iterations more, since the bounded parameter's long step back in is capped on its own instead of
+    shrinking the whole step."""
+    rng = np.random.default_rng(5)
+    truths = [dict(re=3.0, n=1.5), dict(re=4.0, n=1.0, q=0.5), dict(re=2.5, n=2.0, pa=40)]
+    images = [galaxy(**t) + rng.normal(0, 1.0, (SIZE, SIZE)) for t in truths]
+    sig = [np.ones((SIZE, SIZE))] * len(images)
+    fits = []
+    for n0 in (2.0, 2.9999):
+        m = galprof.load_model({"zeropoint": 0.0, "components": {"g": {
+            "profile": "sersic", "x0": 20.5, "y0": 20.5, "mag": -7.0, "re": 4.0,
+            "n": {"value": n0, "bounds": [0.3, 3.0]}, "q": 0.7, "pa": 20.0}}})
+        fits.append(galprof.fit(m, images, sig, psf=PSF))
+    near, far = fits
+    assert (near.status == 0).all() and (far.status == 0).all()
+    for k in near.free:
+        assert np.all(np.abs(far.values[k] - near.values[k]) <= 0.01 * near.errors[k]), k
+    assert np.median(far.n_iter) <= np.median(near.n_iter) + 4

@@ -137,12 +137,15 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         step = torch.cholesky_solve(-gi[..., None], L)[..., 0]
         step = torch.where(solvable[:, None], step, torch.zeros_like(step))
         # trust region in the scaled max-norm: no parameter moves more than its scale per step.
-        # A bounded parameter in the tail of its transform (within a few units of saturation)
-        # that steps further out is capped on its own, at doubling its distance from the centre
-        # of the transform: its model derivative is weak there, and scaling the whole step down
-        # for it would stall every other parameter.
-        tail = problem.at_bound(zi, tol=0.1) & (step * zi > 0)
-        cap = torch.where(tail, torch.maximum(problem.step_scale.expand_as(zi), zi.abs()), problem.step_scale)
+        # A bounded parameter in the tail of its transform (within a few units of saturation) is
+        # capped on its own, at doubling its distance from the centre of the transform when it
+        # steps further out, at halving it when it steps back in: its model derivative is weak
+        # there (its Gauss-Newton step long), and scaling the whole step down for it would stall
+        # every other parameter.
+        tail = problem.at_bound(zi, tol=0.1)
+        out = step * zi > 0
+        cap = torch.where(tail, torch.maximum(problem.step_scale.expand_as(zi), zi.abs() * torch.where(out, 1.0, 0.5)),
+                          problem.step_scale)
         step = torch.where(tail, step.clamp(-cap, cap), step)
         # a problem with independent blocks of parameters (the sources of a field) limits each
         # block's step on its own
