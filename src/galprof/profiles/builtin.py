@@ -19,10 +19,16 @@ N = ParamSpec("n", kind="other", unit="", bounds=(0.25, 10.0), domain=SERSIC_N_R
               doc="Sérsic index")
 
 
+def _broadcasts_into(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without enlarging it (``torch.broadcast_shapes``
+    costs far more, and its first call imports SymPy)."""
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
 def _scaled_log(x, scale, shift):
     """``scale log(x) + shift``, in place on the fresh logarithm where the shapes allow."""
     z = torch.log(x)
-    if torch.broadcast_shapes(z.shape, scale.shape, shift.shape) == z.shape:
+    if _broadcasts_into(scale.shape, z.shape) and _broadcasts_into(shift.shape, z.shape):
         return z.mul_(scale).add_(shift)
     return z * scale + shift
 
