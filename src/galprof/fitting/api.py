@@ -60,8 +60,9 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
         16/84 percentiles are kept; the parameters named in ``bootstrap_fixed``, e.g.
         ``("g.x0", "g.y0")``, are held at their best fit in the refits) or "none".
     scale_errors : multiply the covariance by chi2_nu
-    jacobian : "finite-difference" (default: forward differences in the optimiser's space, step
-        sqrt(eps) max(|z|, 1), all P perturbed copies rendered as one batch) or "autodiff"
+    jacobian : "finite-difference" (default: forward differences, step sqrt(eps) max(|z|, 1) in
+        the optimiser's space, or as much physically for a bounded parameter, all P perturbed
+        copies rendered as one batch) or "autodiff"
         (forward-mode autodiff through the renderer: exact, but each column costs several
         renders on CPU; see docs/fitting.md)
     max_jacobian_bytes : above this size (pixels x free parameters x batch) the
