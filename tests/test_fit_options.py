@@ -268,3 +268,25 @@ def test_start_deep_in_the_tail_of_a_bound_returns_inside_quickly():
     for k in near.free:
         assert np.all(np.abs(far.values[k] - near.values[k]) <= 0.01 * near.errors[k]), k
     assert np.median(far.n_iter) <= np.median(near.n_iter) + 4
+
+
+def test_start_at_a_round_shape_turns_to_the_true_one():
+    """A start at q = 0.99999, where the position angle barely changes the model (and q's
+    transform is saturated): the fits equal those from q = 0.7 within 0.01 sigma (PA modulo 180).
+    The position angle's long step in that nearly flat direction is capped on its own instead of
+    scaling every other parameter's step down to nothing (which left such fits at q = 1, at the
+    iteration cap, 230 to 1040 above the optimum's chi2)."""
+    rng = np.random.default_rng(11)
+    truths = [dict(q=0.8, pa=-40), dict(q=0.7, pa=60, n=3.0), dict(q=0.9, pa=10, re=4.0), dict(q=0.85, pa=80, n=1.0)]
+    images = [galaxy(**t) + rng.normal(0, 1.0, (SIZE, SIZE)) for t in truths]
+    sig = [np.ones((SIZE, SIZE))] * len(images)
+    fits = [galprof.fit(galprof.load_model({"zeropoint": 0.0, "components": {"g": {
+        "profile": "sersic", "x0": 20.5, "y0": 20.5, "mag": -7.0, "re": 4.0, "n": 2.0, "q": q0, "pa": 20.0}}}),
+        images, sig, psf=PSF) for q0 in (0.7, 0.99999)]
+    near, far = fits
+    assert (near.status == 0).all() and (far.status == 0).all()
+    for k in near.free:
+        d = far.values[k] - near.values[k]
+        if k == "g.pa":
+            d = (d + 90.0) % 180.0 - 90.0
+        assert np.all(np.abs(d) <= 0.01 * near.errors[k]), k

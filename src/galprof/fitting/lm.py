@@ -128,7 +128,7 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
             status[idx[near]] = int(Status.CONVERGED)
             active[idx[near]] = False
             far = ~near
-            idx, Ai, gi, lami, zi, M, pinned = idx[far], Ai[far], gi[far], lami[far], zi[far], M[far], pinned[far]
+            idx, Ai, gi, lami, zi, M, diag = idx[far], Ai[far], gi[far], lami[far], zi[far], M[far], diag[far]
             if idx.numel() == 0:
                 break
         L, info = torch.linalg.cholesky_ex(M)
@@ -141,22 +141,29 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         # capped on its own, at doubling its distance from the centre of the transform when it
         # steps further out, at halving it when it steps back in: its model derivative is weak
         # there (its Gauss-Newton step long), and scaling the whole step down for it would stall
-        # every other parameter.
+        # every other parameter. So is, at its usual scale, any parameter whose largest step would
+        # change the model by less than 1e-3 of what another's can (a position angle of a round
+        # galaxy, the centre of a component whose flux has vanished): its long step in a nearly
+        # flat direction says nothing about the others'.
         tail = problem.at_bound(zi, tol=0.1)
         out = step * zi > 0
         cap = torch.where(tail, torch.maximum(problem.step_scale.expand_as(zi), zi.abs() * torch.where(out, 1.0, 0.5)),
                           problem.step_scale)
-        step = torch.where(tail, step.clamp(-cap, cap), step)
-        # a problem with independent blocks of parameters (the sources of a field) limits each
-        # block's step on its own
+        # (a problem with independent blocks of parameters, the sources of a field, limits each
+        # block's step on its own)
         groups = getattr(problem, "step_groups", None)
-        if groups is None:
-            ratio = (step.abs() / cap).amax(dim=1, keepdim=True)
-        else:
-            gi_ = groups.expand_as(step)
-            per = torch.zeros(step.shape[0], problem.n_step_groups, dtype=dt, device=dev)
-            ratio = per.scatter_reduce(1, gi_, step.abs() / cap, "amax").gather(1, gi_)
-        step = step / ratio.clamp(min=1.0)
+
+        def block_max(v):
+            if groups is None:
+                return v.amax(dim=1, keepdim=True)
+            gi_ = groups.expand_as(v)
+            per = torch.zeros(v.shape[0], problem.n_step_groups, dtype=dt, device=dev)
+            return per.scatter_reduce(1, gi_, v, "amax").gather(1, gi_)
+
+        reach = torch.diagonal(Ai, dim1=1, dim2=2) * cap * cap   # chi2 change of a full step, to first order
+        weak = reach < 1e-6 * block_max(reach)
+        step = torch.where(tail | weak, step.clamp(-cap, cap), step)
+        step = step / block_max(step.abs() / cap).clamp(min=1.0)
         z_try = z[idx] + step
         if carry:
             r_try, s_try = problem.residuals(z_try, idx, shift=True)

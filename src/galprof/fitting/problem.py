@@ -196,11 +196,8 @@ class FitProblem:
         the rounding of the model, and leave its column, and the sign of its gradient, to noise.
         """
         eps = torch.finfo(z.dtype).eps
-        h = eps ** 0.5 * torch.maximum(z.abs(), torch.ones_like(z))
-        zs = z + h
-        if not self._bounded:
-            return zs, h
-        zs, h = zs.clone(), h.clone()
+        zs = z + eps ** 0.5 * torch.maximum(z.abs(), torch.ones_like(z))
+        h = zs - z                      # the step taken, rounding included
         for j, t in self._bounded:
             zj = z[:, j]
             x = t.forward(zj)
