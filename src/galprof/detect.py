@@ -106,7 +106,7 @@ class DetectOptions:
     target_radius: float = 5.0
     mask_mode: str = "background"
     dilate: float = 2.0
-    wings: float = 0.5
+    wings: float = 0.2
     neighbours: int = 0
     neighbour_flux: float = 0.1
     neighbour_scale: float = 1.0
@@ -240,7 +240,7 @@ class Detection:
         return np.arange(1, len(self.objects) + 1)
 
     def mask(self, mode: str = "background", *, dilate: float = 2.0, keep: Iterable[int] = (),
-             wings: np.ndarray | None = None, level: float = 0.5) -> np.ndarray:
+             wings: np.ndarray | None = None, level: float = 0.2) -> np.ndarray:
         """Boolean mask (True = not used) of the other sources (``background``) or of all but the
         target (``exclusive``); see the module docstring. Labels in ``keep`` are not masked
         (neighbours fitted as components). ``background`` also masks the pixels where ``wings``
