@@ -290,3 +290,22 @@ def test_start_at_a_round_shape_turns_to_the_true_one():
         if k == "g.pa":
             d = (d + 90.0) % 180.0 - 90.0
         assert np.all(np.abs(d) <= 0.01 * near.errors[k]), k
+
+
+def test_fitted_position_angles_are_reported_in_the_half_open_interval():
+    """pa and pa + 180 are the same ellipse: a galaxy at PA 100 (= -80), started at 95, is
+    reported at -80 within its errors, its bootstrap refits gathered about that value (a small
+    spread, not one of 180 degrees); a PA with bounds given by the user keeps them."""
+    rng = np.random.default_rng(21)
+    images = [galaxy(pa=100.0, q=0.5, flux=1500.0) + rng.normal(0, 1.0, (SIZE, SIZE)) for _ in range(2)]
+    sig = [np.ones((SIZE, SIZE))] * 2
+    spec = {"zeropoint": 0.0, "components": {"g": {
+        "profile": "sersic", "x0": 20.5, "y0": 20.5, "mag": -7.0, "re": 4.0, "n": 2.0, "q": 0.6, "pa": 95.0}}}
+    res = galprof.fit(galprof.load_model(spec), images, sig, psf=PSF, uncertainty="bootstrap", n_bootstrap=6, seed=1)
+    pa = res.values["g.pa"]
+    assert np.all((pa > -90) & (pa <= 90)), pa
+    assert np.all(np.abs(pa + 80.0) < 3 * res.errors_covariance["g.pa"] + 0.5)
+    assert np.all(res.errors["g.pa"] < 5.0) and np.all(np.abs(res.percentiles["g.pa"] - pa[:, None]) < 10.0)
+    spec["components"]["g"]["pa"] = {"value": 95.0, "bounds": [0.0, 180.0]}
+    bounded = galprof.fit(galprof.load_model(spec), images, sig, psf=PSF)
+    assert np.all(np.abs(bounded.values["g.pa"] - 100.0) < 3 * bounded.errors["g.pa"] + 0.5)

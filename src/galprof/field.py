@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, ModelError
-from .fitting.api import _physical_jacobian
+from .fitting.api import _physical_jacobian, _wrap_degrees, _wrapped_angles
 from .fitting.data import make_batch
 from .fitting.lm import LMOptions, levenberg_marquardt
 from .fitting.problem import step_scales
@@ -647,6 +647,8 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
     vals = src_layout.physical(Z)
     sky_vals = sky_layout.physical(zs) if sky_layout is not None else {}
     values = {k: vals[k].detach().cpu().numpy() for k in keys_src}
+    for k in _wrapped_angles(src_layout):
+        values[k] = _wrap_degrees(values[k])
     values.update({k: np.full(N, float(sky_vals[k][0])) for k in keys_sky})
     cov = np.full((N, K, K), np.nan)
     n_pix = int(batch.n_pixels[0])

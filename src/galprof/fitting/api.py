@@ -201,6 +201,9 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
 
     to_np = lambda t: t.detach().cpu().numpy()
     values = {k: to_np(values_t[k]) for k in keys}
+    angles = _wrapped_angles(layout)
+    for k in angles:
+        values[k] = _wrap_degrees(values[k])
     var = torch.diagonal(cov, dim1=1, dim2=2)
     errors = {}
     for i, k in enumerate(keys):
@@ -212,6 +215,8 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
         samples_t = _bootstrap(model, renderer, layout, batch, z, fitted, n=n_bootstrap, fixed=bootstrap_fixed,
                                seed=seed, statistic=statistic, jacobian=jacobian, options=lm_options)
         samples = {k: to_np(v) for k, v in samples_t.items()}
+        for k in angles:   # each refit's angle taken within 90 degrees of the best fit's
+            samples[k] = values[k][:, None] + _wrap_degrees(samples[k] - values[k][:, None])
         percentiles = {}
         for k in keys:
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
@@ -233,6 +238,19 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
                      flags=to_np(flags), messages=messages, ids=list(ids) if ids is not None else None,
                      uncertainty=uncertainty, statistic=statistic, errors_covariance=errors_cov,
                      percentiles=percentiles, bootstrap_samples=samples)
+
+
+def _wrapped_angles(layout) -> list[str]:
+    """The position angles reported in (-90, 90]: fitted (free or tied) and without bounds (an
+    ellipse and the one turned by 180 degrees are the same model; bounds given by the user keep
+    the values inside them)."""
+    return [k for k in layout.keys if layout.spec(k).kind == "angle" and (k in layout.free or k in layout.tied)
+            and layout.bounds(k) == (None, None)]
+
+
+def _wrap_degrees(a: np.ndarray) -> np.ndarray:
+    """Angles in degrees, moved by whole turns of 180 degrees into (-90, 90]."""
+    return a - 180.0 * np.ceil((a - 90.0) / 180.0)
 
 
 def _solver(optimizer, options):
