@@ -87,6 +87,17 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
     # rounding noise (absolute, so that it means the same distance from the optimum, at most
     # 0.14 sigma, on a stamp of a thousand pixels or a field of millions)
     atol = max(o.chi2_atol, 0.02 if getattr(problem, "dtype", dt) == torch.float32 else 0.0)
+    # a problem with independent blocks of parameters (the sources of a field) limits each block's
+    # step on its own: the largest of each block, for each of its parameters
+    groups = getattr(problem, "step_groups", None)
+
+    def block_max(v):
+        if groups is None:
+            return v.amax(dim=1, keepdim=True)
+        gi_ = groups.expand_as(v)
+        per = torch.zeros(v.shape[0], problem.n_step_groups, dtype=dt, device=dev)
+        return per.scatter_reduce(1, gi_, v, "amax").gather(1, gi_)
+
     for _ in range(o.max_iter):
         # three host synchronisations per iteration: which galaxies need new normal equations,
         # which are near their optimum, and which are still running
@@ -149,18 +160,7 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
         out = step * zi > 0
         cap = torch.where(tail, torch.maximum(problem.step_scale.expand_as(zi), zi.abs() * torch.where(out, 1.0, 0.5)),
                           problem.step_scale)
-        # (a problem with independent blocks of parameters, the sources of a field, limits each
-        # block's step on its own)
-        groups = getattr(problem, "step_groups", None)
-
-        def block_max(v):
-            if groups is None:
-                return v.amax(dim=1, keepdim=True)
-            gi_ = groups.expand_as(v)
-            per = torch.zeros(v.shape[0], problem.n_step_groups, dtype=dt, device=dev)
-            return per.scatter_reduce(1, gi_, v, "amax").gather(1, gi_)
-
-        reach = torch.diagonal(Ai, dim1=1, dim2=2) * cap * cap   # chi2 change of a full step, to first order
+        reach = torch.diagonal(Ai, dim1=1, dim2=2) * cap * cap   # |model change|^2 of a full step (linear model)
         weak = reach < 1e-6 * block_max(reach)
         step = torch.where(tail | weak, step.clamp(-cap, cap), step)
         step = step / block_max(step.abs() / cap).clamp(min=1.0)
