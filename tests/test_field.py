@@ -319,3 +319,35 @@ def test_streamed_normal_equations_equal_the_whole_jacobian():
     assert float(((A1[0] - A2[0]).abs() / torch.outer(d, d)).max()) < 1e-10
     assert float(((g1[0] - g2[0]).abs() / (d * c1[0].sqrt())).max()) < 1e-10
     assert torch.equal(c1, c2)
+
+
+def test_field_columns_of_a_source_parameter_at_its_bound_are_its_derivatives():
+    """A source's Sérsic index pinned at either end of its interval (a saturated transform): the
+    field's finite-difference gradient and J^T J for it equal a physical difference quotient times
+    the transform's derivative (stepping in the optimiser's space gave rounding noise, of either
+    sign)."""
+    data, sigma, psf, truth, starts = galsim_field(2, n_src=4, size=64)
+    template, sky = split_model(galprof.load_model(TEMPLATE))
+    src, sky_l = template.layout(4), sky.layout(1)
+    for k, v in starts.items():
+        src.set_values(k, torch.as_tensor(v))
+    sky_l.set_values("sky.sky", torch.tensor([9.0]))
+    batch = make_batch([data], [sigma])
+    windows = plan_windows(starts["g.x0"], starts["g.y0"], np.full(4, 3.0), 12, data.shape,
+                           FieldOptions(min_size=32, max_size=32))
+    prob = FieldProblem(template, sky, src, sky_l, batch.images[0], batch.weights[0], windows, psf)
+    prob.freezing = False
+    jn, t = src.free.index("g.n"), src.transform("g.n")
+    for zn in (20.0, 22.0, -20.0):
+        Z = src.initial()
+        Z[0, jn] = zn
+        A, g, _ = prob.normal_equations(prob.pack(Z, sky_l.initial()))
+        x = t.forward(Z[0, jn])
+        xs = x + (-1e-6 if zn > 0 else 1e-6)
+        Zp = Z.clone()
+        Zp[0, jn] = t.inverse(xs)
+        r0 = prob.residuals(prob.pack(Z, sky_l.initial()))[0]
+        r1 = prob.residuals(prob.pack(Zp, sky_l.initial()))[0]
+        col = (r1 - r0) / (t.forward(Zp[0, jn]) - x) * t.derivative(Z[0, jn])
+        np.testing.assert_allclose(float(g[0, jn]), float(col @ r0), rtol=1e-3)
+        np.testing.assert_allclose(float(A[0, jn, jn]), float(col @ col), rtol=2e-3)

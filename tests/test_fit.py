@@ -199,3 +199,29 @@ def test_finite_difference_columns_of_parameters_at_their_bounds_are_their_deriv
         np.testing.assert_allclose(float(g[0, j]), float(g0[0, j]), rtol=1e-4)
         np.testing.assert_allclose(A[0, j].numpy(), A0[0, j].numpy(), rtol=1e-3,
                                    atol=1e-6 * float(torch.sqrt(A0[0, j, j] * torch.diagonal(A0[0]).max())))
+
+
+def test_finite_difference_steps_stay_inside_every_interval():
+    """The physical step of a bounded parameter never leaves its interval, however narrow (an
+    interval narrower than the step gave NaN columns in float32, and NaN fits), and a fit with
+    n bounded to [1.9995, 2.0005] in float32 ends finite."""
+    import torch
+
+    from galprof.fitting.problem import finite_difference_steps
+    from galprof.params import Interval, LowerBound, UpperBound
+
+    for dtype in (torch.float32, torch.float64):
+        z = torch.tensor([[-30.0, -3.0, 0.0, 3.0, 30.0]], dtype=dtype).T.repeat(1, 4)
+        transforms = [Interval(1000.0, 1000.5), Interval(-1e-4, 1e-4), LowerBound(0.05), UpperBound(1.0)]
+        zs, h = finite_difference_steps(z, list(enumerate(transforms)))
+        for j, t in enumerate(transforms):
+            x = t.forward(zs[:, j])
+            assert torch.isfinite(zs[:, j]).all() and not torch.isnan(h[:, j]).any(), (dtype, t)
+            if isinstance(t, Interval):
+                assert ((x >= t.lo) & (x <= t.hi)).all(), (dtype, t)
+    spec = {"zeropoint": 0.0, "components": {"g": dict(START["components"]["g"],
+                                                        n={"value": 2.0, "bounds": [1.9995, 2.0005]})}}
+    images = [galsim_image(t) + np.random.default_rng(3).normal(0, 0.5, (SIZE, SIZE)) for t in TRUTHS]
+    res = galprof.fit(galprof.load_model(spec), images, [np.full((SIZE, SIZE), 0.5)] * 3, psf=psf_image("star"),
+                      dtype=torch.float32)
+    assert (res.status == 0).all() and np.isfinite(res.chi2).all()

@@ -40,7 +40,7 @@ from .errors import DataError, ModelError
 from .fitting.api import _physical_jacobian, _wrap_degrees, _wrapped_angles
 from .fitting.data import make_batch
 from .fitting.lm import LMOptions, levenberg_marquardt
-from .fitting.problem import step_scales
+from .fitting.problem import finite_difference_steps, step_scales
 from .fitting.result import FitResult
 from .flags import Flag, Status
 from .model import Model
@@ -400,22 +400,22 @@ class FieldProblem:
         # forward differences with the step of the rendering precision, scaled by each value as
         # the renderer sees it: a position relative to its window, not to the field (a float32
         # step at x = 4000 would be 1.4 px)
-        eps = torch.finfo(self.dtype).eps
-        h = eps ** 0.5 * torch.maximum((Z - self._step_origin).abs(), torch.ones_like(Z))  # (N, Pt)
+        Zs, h = finite_difference_steps(Z, self._bounded_src, scale=Z - self._step_origin,
+                                        eps=torch.finfo(self.dtype).eps)               # (N, Pt) each
         cols = [torch.zeros(b["index"].numel(), b["shape"][0] * b["shape"][1], Pt, dtype=self.dtype, device=z.device)
                 for b in self.buckets]
         for a in range(Pt):
             if a == self._mag_col:
                 key = self.src_layout.free[a]
                 Zp = Z.clone()
-                Zp[:, a] += h[:, a]
+                Zp[:, a] = Zs[:, a]
                 dm = self.src_layout.physical(Zp)[key] - values[key]
                 factor = (torch.pow(10.0, -0.4 * dm) - 1.0) / h[:, a] * active
                 for b, img, c in zip(self.buckets, base, cols):
                     c[:, :, a] = img * factor[b["index"]][:, None]
                 continue
             Zp = Z.clone()
-            Zp[:, a] += h[:, a]
+            Zp[:, a] = Zs[:, a]
             vp = self.src_layout.physical(Zp)
             for b, img, c, rows in zip(self.buckets, base, cols, live):
                 if rows.numel():
@@ -470,13 +470,12 @@ class FieldProblem:
         return A[None], g[None], chi2[None]
 
     def _sky_jacobian(self, zs) -> torch.Tensor:
-        eps = torch.finfo(self.dtype).eps
-        h = eps ** 0.5 * torch.maximum(zs.abs(), torch.ones_like(zs))
+        zsp, h = finite_difference_steps(zs, self._bounded_sky, eps=torch.finfo(self.dtype).eps)
         base = self._sky_image(zs)
         cols = []
         for a in range(self.Ps):
             zp = zs.clone()
-            zp[:, a] += h[:, a]
+            zp[:, a] = zsp[:, a]
             cols.append(((self._sky_image(zp) - base) / h[0, a]).to(self.dtype))
         return torch.stack(cols, dim=1) * self.sqrt_w[:-1, None]
 

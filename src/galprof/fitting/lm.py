@@ -139,7 +139,7 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
             status[idx[near]] = int(Status.CONVERGED)
             active[idx[near]] = False
             far = ~near
-            idx, Ai, gi, lami, zi, M, diag = idx[far], Ai[far], gi[far], lami[far], zi[far], M[far], diag[far]
+            idx, Ai, gi, lami, zi, M = idx[far], Ai[far], gi[far], lami[far], zi[far], M[far]
             if idx.numel() == 0:
                 break
         L, info = torch.linalg.cholesky_ex(M)

@@ -9,7 +9,7 @@ from ..params import Interval, ParameterLayout, UpperBound
 from ..render import Renderer
 from .data import StampBatch
 
-__all__ = ["FitProblem", "step_scales"]
+__all__ = ["FitProblem", "finite_difference_steps", "step_scales"]
 
 #: per-iteration step limits of unbounded parameters, by kind (pixels, magnitudes, degrees)
 _UNBOUNDED_STEP = {"x": 2.0, "y": 2.0, "mag": 0.5, "angle": 20.0, "length": 2.0}
@@ -29,6 +29,41 @@ def step_scales(layout: ParameterLayout, dtype: torch.dtype, device) -> torch.Te
         else:
             scales.append(_UNBOUNDED_STEP.get(layout.spec(key).kind, 1.0))
     return torch.tensor(scales, dtype=dtype, device=device)
+
+
+def finite_difference_steps(z: torch.Tensor, bounded, scale: torch.Tensor | None = None, eps: float | None = None):
+    """Perturbed values ``zs`` (b, P) of each free parameter for its forward-difference column,
+    and the step ``h`` (b, P) that column is divided by.
+
+    An unbounded parameter steps by ``sqrt(eps) max(|scale|, 1)`` (``scale``: ``z`` by default; a
+    field passes each position relative to its window; ``eps``: the rendering precision's, that of
+    ``z`` by default). A bounded one (``bounded``: pairs of
+    column and :class:`~galprof.params.Transform`) steps by that much *physically*, towards the
+    inside of its interval and by at most a quarter of the interval's width, and
+    ``h = (x(zs) - x(z)) / x'(z)``: its column is then the physical derivative times ``x'(z)``,
+    exact by the chain rule. A step in ``z`` would move a parameter near its bound (a saturated
+    transform) by less than the rounding of the model, and leave its column, and the sign of its
+    gradient, to noise.
+    """
+    eps = torch.finfo(z.dtype).eps if eps is None else eps
+    zs = z + eps ** 0.5 * torch.maximum((z if scale is None else scale).abs(), torch.ones_like(z))
+    h = zs - z                      # the step taken, rounding included
+    for j, t in bounded:
+        zj = z[:, j]
+        x = t.forward(zj)
+        hx = eps ** 0.5 * torch.clamp(x.abs(), min=1.0)
+        # towards the inside: down from the upper half of an interval or from an upper bound,
+        # up otherwise
+        if isinstance(t, Interval):
+            inward = torch.where(zj > 0, -1.0, 1.0).to(z.dtype)
+            hx = hx.clamp(max=0.25 * (t.hi - t.lo))
+        else:
+            inward = torch.full_like(zj, -1.0 if isinstance(t, UpperBound) else 1.0)
+        zj_s = t.inverse(x + inward * hx)
+        zs[:, j] = zj_s
+        # (a transform saturated in this precision has x'(z) = 0: an infinite h, a zero column)
+        h[:, j] = (t.forward(zj_s) - x) / t.derivative(zj)
+    return zs, h
 
 
 def poisson_deviance_residuals(model: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -186,33 +221,7 @@ class FitProblem:
         return out
 
     def _fd_steps(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Perturbed values ``zs`` (b, P) of each free parameter for its finite-difference column,
-        and the step ``h`` (b, P) that column is divided by.
-
-        Unbounded parameters step by ``sqrt(eps) max(|z|, 1)``. A bounded parameter steps by that
-        much *physically*, towards the inside of its interval, and ``h = (x(zs) - x(z)) / x'(z)``:
-        the column is then the physical derivative times ``x'(z)``, exact by the chain rule. A
-        step in ``z`` would move a parameter near its bound (a saturated transform) by less than
-        the rounding of the model, and leave its column, and the sign of its gradient, to noise.
-        """
-        eps = torch.finfo(z.dtype).eps
-        zs = z + eps ** 0.5 * torch.maximum(z.abs(), torch.ones_like(z))
-        h = zs - z                      # the step taken, rounding included
-        for j, t in self._bounded:
-            zj = z[:, j]
-            x = t.forward(zj)
-            hx = eps ** 0.5 * torch.clamp(x.abs(), min=1.0)
-            # towards the inside: down from the upper half of an interval or from an upper bound,
-            # up otherwise
-            if isinstance(t, Interval):
-                inward = torch.where(zj > 0, -1.0, 1.0).to(z.dtype)
-            else:
-                inward = torch.full_like(zj, -1.0 if isinstance(t, UpperBound) else 1.0)
-            zj_s = t.inverse(x + inward * hx)
-            zs[:, j] = zj_s
-            # (a transform saturated in this precision has x'(z) = 0: an infinite h, a zero column)
-            h[:, j] = (t.forward(zj_s) - x) / t.derivative(zj)
-        return zs, h
+        return finite_difference_steps(z, self._bounded)
 
     def values(self, z: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.subset(index).physical(z)
