@@ -225,3 +225,23 @@ def test_finite_difference_steps_stay_inside_every_interval():
     res = galprof.fit(galprof.load_model(spec), images, [np.full((SIZE, SIZE), 0.5)] * 3, psf=psf_image("star"),
                       dtype=torch.float32)
     assert (res.status == 0).all() and np.isfinite(res.chi2).all()
+
+
+def test_a_sky_in_raw_counts_is_not_held_to_one_count_per_iteration():
+    """Images in large units (a sky of 20,000 counts, sigma 500): a sky started 5,000 counts off
+    converges to the fit started at the truth. Its step per iteration is 10 median sigma, not one
+    data unit (which left these fits at the iteration cap, 50 counts from their start)."""
+    rng = np.random.default_rng(3)
+    unit = 1000.0
+    images = [(galsim_image(t) + 20.0 + rng.normal(0, 0.5, (SIZE, SIZE))) * unit for t in TRUTHS]
+    sig = [np.full((SIZE, SIZE), 0.5 * unit)] * 3
+    fits = []
+    for s0 in (15.0, 20.0):
+        m = galprof.load_model({"zeropoint": 0.0, "components": {
+            "g": dict(START["components"]["g"], mag=-8.0 - 2.5 * math.log10(unit)),
+            "s": {"profile": "sky", "sky": s0 * unit}}})
+        fits.append(galprof.fit(m, images, sig, psf=psf_image("star"), initial={"g.pa": [20.0, -40.0, 70.0]}))
+    far, near = fits
+    assert (far.status == 0).all() and (near.status == 0).all()
+    for k in near.free:
+        assert np.all(np.abs(far.values[k] - near.values[k]) <= 0.01 * near.errors[k]), k

@@ -40,7 +40,7 @@ from .errors import DataError, ModelError
 from .fitting.api import _physical_jacobian, _wrap_degrees, _wrapped_angles
 from .fitting.data import make_batch
 from .fitting.lm import LMOptions, levenberg_marquardt
-from .fitting.problem import finite_difference_steps, step_scales
+from .fitting.problem import finite_difference_steps, flux_step, step_scales
 from .fitting.result import FitResult
 from .flags import Flag, Status
 from .model import Model
@@ -236,8 +236,9 @@ class FieldProblem:
         self._sky_renderer = Renderer(sky, [(H, W)], None, dtype=dt, device=dev) if sky is not None else None
         self._pairs = self._overlapping_pairs()
         f64 = torch.float64
-        sky_scales = step_scales(sky_layout, f64, dev) if self.Ps else torch.zeros(0, dtype=f64, device=dev)
-        scales = torch.cat([step_scales(src_layout, f64, dev).repeat(N), sky_scales])
+        flux = flux_step(weights)
+        sky_scales = step_scales(sky_layout, f64, dev, flux) if self.Ps else torch.zeros(0, dtype=f64, device=dev)
+        scales = torch.cat([step_scales(src_layout, f64, dev, flux).repeat(N), sky_scales])
         self.step_scale = scales
         #: trust-region groups: a source's parameters, and the sky's
         self.step_groups = torch.cat([torch.arange(N, device=dev).repeat_interleave(self.Pt),
