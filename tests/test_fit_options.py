@@ -309,3 +309,38 @@ def test_fitted_position_angles_are_reported_in_the_half_open_interval():
     spec["components"]["g"]["pa"] = {"value": 95.0, "bounds": [0.0, 180.0]}
     bounded = galprof.fit(galprof.load_model(spec), images, sig, psf=PSF)
     assert np.all(np.abs(bounded.values["g.pa"] - 100.0) < 3 * bounded.errors["g.pa"] + 0.5)
+
+
+class _Creeping:
+    """A least-squares problem whose chi2 = 25 + 1/z creeps towards its infimum as z grows
+    (residuals 1/sqrt(z) and 5): every step lowers chi2, by about 1/z^2."""
+
+    dtype = torch.float64
+    step_scale = torch.ones(1, dtype=torch.float64)
+
+    def residuals(self, z, index):
+        return torch.cat([z.clamp(min=1e-12).rsqrt(), torch.full_like(z, 5.0)], dim=1)
+
+    def normal_equations(self, z, index, residuals=None):
+        r = self.residuals(z, index)
+        J = torch.cat([-0.5 * z.clamp(min=1e-12) ** -1.5, torch.zeros_like(z)], dim=1)[:, :, None]
+        return J.transpose(1, 2) @ J, (J.transpose(1, 2) @ r[:, :, None])[:, :, 0], (r * r).sum(1)
+
+    def at_bound(self, z, tol=1e-6):
+        return torch.zeros_like(z, dtype=torch.bool)
+
+
+def test_a_fit_creeping_along_a_flat_valley_stops_when_its_gains_fall_below_the_noise():
+    """chi2 = 25 + 1/z: each step (capped at 1) lowers chi2 by about 1/z^2, more than the relative
+    tolerance for thousands of iterations. The windowed test stops it once 20 iterations gain less
+    than 0.01 (z about 45); without it the fit runs into the iteration cap."""
+    from galprof import Status
+    from galprof.fitting import LMOptions, levenberg_marquardt
+
+    z0 = torch.tensor([[2.0], [5.0]], dtype=torch.float64)
+    active = torch.ones(2, dtype=torch.bool)
+    z, chi2, n_iter, status = levenberg_marquardt(_Creeping(), z0, active, LMOptions())
+    assert (status == int(Status.CONVERGED)).all() and (n_iter < 100).all()
+    assert torch.all(20.0 / z[:, 0] ** 2 < 0.01 * 1.5) and torch.all(chi2 - 25.0 < 0.05)
+    z, chi2, n_iter, status = levenberg_marquardt(_Creeping(), z0, active, LMOptions(stall_window=0))
+    assert (status == int(Status.MAX_ITER)).all() and (n_iter == 100).all()

@@ -33,6 +33,12 @@ class LMOptions:
         Newton decrement ``g^T A^-1 g``, with ``A = J^T W J`` undamped and ``g = J^T W r``,
         parameters pinned at a bound left out): the test above, one iteration earlier, without
         the step that would only confirm it.
+    stall_window, stall_atol : int, float
+        ... or, every ``stall_window`` iterations, when chi2 has fallen by less than
+        ``stall_atol`` (absolute; at least the float32 floor above) over the last
+        ``stall_window`` iterations: a fit creeping along a flat valley (most often towards a
+        bound: a component turning into a line or a point) whose remaining gains are far below
+        the noise (``stall_window = 0``: never).
     lambda0, lambda_up, lambda_down, lambda_max : float
         Initial damping, its factors after a rejected / accepted step, and the damping above
         which a galaxy whose chi2 no longer decreases is taken as converged.
@@ -43,6 +49,8 @@ class LMOptions:
     chi2_atol: float = 0.0
     xtol: float = 1e-8
     decrement: bool = True
+    stall_window: int = 20
+    stall_atol: float = 0.01
     lambda0: float = 1e-3
     lambda_up: float = 10.0
     lambda_down: float = 10.0
@@ -87,6 +95,8 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
     # rounding noise (absolute, so that it means the same distance from the optimum, at most
     # 0.14 sigma, on a stamp of a thousand pixels or a field of millions)
     atol = max(o.chi2_atol, 0.02 if getattr(problem, "dtype", dt) == torch.float32 else 0.0)
+    stall_tol = max(o.stall_atol, atol)
+    window_start = torch.full((B,), float("inf"), dtype=dt, device=dev)   # chi2 when the window began
     # a problem with independent blocks of parameters (the sources of a field) limits each block's
     # step on its own: the largest of each block, for each of its parameters
     groups = getattr(problem, "step_groups", None)
@@ -107,6 +117,7 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
             Ai, gi, c2 = problem.normal_equations(z[todo], todo, residuals=None if resid is None else resid[todo],
                                                   **extra)
             A[todo], g[todo], chi2[todo] = Ai, gi, c2
+            window_start[todo] = torch.where(torch.isinf(window_start[todo]), c2, window_start[todo])
             stale[todo] = False
             scale[todo] = torch.maximum(scale[todo], torch.diagonal(Ai, dim1=1, dim2=2))
             bad = ~torch.isfinite(c2) | ~torch.isfinite(Ai).all(dim=(1, 2)) | ~torch.isfinite(gi).all(dim=1)
@@ -187,6 +198,11 @@ def levenberg_marquardt(problem: FitProblem, z0: torch.Tensor, active: torch.Ten
                 shift = torch.zeros(B, *s_try.shape[1:], dtype=dt, device=dev)
             shift[idx] = torch.where(accept[:, None, None], s_try, shift[idx])
         n_iter[idx] += 1
+        if o.stall_window > 0:
+            # the end of a window: converged if chi2 has crept down by less than stall_tol in it
+            end = n_iter[idx] % o.stall_window == 0
+            done = done | (end & (window_start[idx] - chi2[idx] < stall_tol))
+            window_start[idx] = torch.where(end, chi2[idx], window_start[idx])
         status[idx[done]] = int(Status.CONVERGED)
         active[idx[done]] = False
     if state is not None:
