@@ -231,9 +231,6 @@ class FitProblem:
             out[:, j] = d < tol * peak
         return out
 
-    def _fd_steps(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return finite_difference_steps(z, self._bounded)
-
     def values(self, z: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.layout.subset(index).physical(z)
 
@@ -400,7 +397,7 @@ class FitProblem:
                     torch.zeros(b, 0, dtype=z.dtype, device=z.device), (r * r).sum(1))
         if self.jacobian == "finite-difference":
             # forward differences, all P perturbed copies rendered as one batch
-            zs, h = self._fd_steps(z)                                             # (b, P) each
+            zs, h = finite_difference_steps(z, self._bounded)                     # (b, P) each
             zp = z[None].repeat(P, 1, 1)                                          # (P, b, P)
             eye = torch.eye(P, dtype=z.dtype, device=z.device)
             zp = zp + eye[:, None, :] * (zs - z)[None]
