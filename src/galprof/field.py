@@ -38,9 +38,9 @@ import torch
 
 from .errors import DataError, ModelError
 from .fitting.api import _physical_jacobian, _wrap_degrees, _wrapped_angles
-from .fitting.data import make_batch
+from .fitting.data import flux_step, make_batch
 from .fitting.lm import LMOptions, levenberg_marquardt
-from .fitting.problem import finite_difference_steps, flux_step, step_scales
+from .fitting.problem import finite_difference_steps, step_scales
 from .fitting.result import FitResult
 from .flags import Flag, Status
 from .model import Model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ import torch
 from ..errors import DataError
 from ..flags import Flag
 
-__all__ = ["StampBatch", "make_batch"]
+__all__ = ["StampBatch", "flux_step", "make_batch"]
 
 
 @dataclass
@@ -40,6 +41,21 @@ class StampBatch:
     @property
     def batch_size(self) -> int:
         return len(self.shapes)
+
+    @cached_property
+    def flux_step(self) -> float:
+        """:func:`flux_step` of the batch's weights (computed once: every problem on the batch,
+        the bootstrap's included, uses it)."""
+        return flux_step(self.weights)
+
+
+def flux_step(weights: torch.Tensor) -> float:
+    """A step per iteration for a level in the data's units: 10 times the median sigma of the
+    pixels in use (``weights`` = 1 / sigma^2), so that a sky started hundreds of counts off in
+    raw counts is not held to one count per iteration, nor one in images of nanomaggies allowed
+    a hundred sigma; 1 when no pixel is in use (one host synchronisation, at set-up)."""
+    good = weights[weights > 0]
+    return float(10.0 * good.median().rsqrt()) if good.numel() else 1.0
 
 
 def make_batch(images: Sequence, sigmas: Sequence | None = None, masks: Sequence | None = None, *,

@@ -9,7 +9,7 @@ from ..params import Interval, ParameterLayout, UpperBound
 from ..render import Renderer
 from .data import StampBatch
 
-__all__ = ["FitProblem", "finite_difference_steps", "flux_step", "step_scales"]
+__all__ = ["FitProblem", "finite_difference_steps", "step_scales"]
 
 #: per-iteration step limits of unbounded parameters, by kind (pixels, magnitudes, degrees)
 _UNBOUNDED_STEP = {"x": 2.0, "y": 2.0, "mag": 0.5, "angle": 20.0, "length": 2.0}
@@ -21,7 +21,7 @@ STATISTICS = ("chi2", "cash")
 def step_scales(layout: ParameterLayout, dtype: torch.dtype, device, flux: float = 1.0) -> torch.Tensor:
     """(P,) largest step per iteration of each free parameter of ``layout``, in the optimiser's
     space: 1 for bounded (transformed) parameters, a physical scale for unbounded ones; ``flux``
-    for an unbounded level in the data's units (a sky), e.g. from :func:`flux_step`."""
+    for an unbounded level in the data's units (a sky), e.g. ``StampBatch.flux_step``."""
     scales = []
     for key in layout.free:
         lo, hi = layout.bounds(key)
@@ -31,15 +31,6 @@ def step_scales(layout: ParameterLayout, dtype: torch.dtype, device, flux: float
             kind = layout.spec(key).kind
             scales.append(flux if kind == "flux" else _UNBOUNDED_STEP.get(kind, 1.0))
     return torch.tensor(scales, dtype=dtype, device=device)
-
-
-def flux_step(weights: torch.Tensor) -> float:
-    """A step per iteration for a level in the data's units: 10 times the median sigma of the
-    pixels in use (``weights`` = 1 / sigma^2), so that a sky started hundreds of counts off in
-    raw counts is not held to one count per iteration, nor one in images of nanomaggies allowed
-    a hundred sigma; 1 when no pixel is in use (one host synchronisation, at set-up)."""
-    good = weights[weights > 0]
-    return float(10.0 * good.median().rsqrt()) if good.numel() else 1.0
 
 
 def finite_difference_steps(z: torch.Tensor, bounded, scale: torch.Tensor | None = None, eps: float | None = None):
@@ -134,7 +125,7 @@ class FitProblem:
         self.n_free = len(layout.free)
         #: largest step per iteration of each free parameter, in the optimiser's space:
         #: 1 for bounded (transformed) parameters, a physical scale for unbounded ones
-        self.step_scale = step_scales(layout, batch.images.dtype, batch.images.device, flux=flux_step(batch.weights))
+        self.step_scale = step_scales(layout, batch.images.dtype, batch.images.device, flux=batch.flux_step)
         self._bounded = [(j, layout.transform(key)) for j, key in enumerate(layout.free)
                          if any(b is not None for b in layout.bounds(key))]
         self._fd_groups = self._component_groups() if jacobian == "finite-difference" else None
