@@ -41,6 +41,7 @@ import torch
 
 from .errors import DataError, ModelError
 from .model import Model
+from .params import wrap_pa
 
 __all__ = ["AutoResult", "Background", "DetectOptions", "Detection", "Measurement", "auto_inputs", "detect",
            "estimate_background", "initial_values", "measure", "psf_radii", "sersic_concentration",
@@ -293,8 +294,7 @@ class Detection:
 def pa_from_theta(theta) -> np.ndarray:
     """sep/SExtractor's angle (radians, counter-clockwise from +x) as galprof's PA (degrees,
     counter-clockwise from +y), in (-90, 90]."""
-    pa = np.degrees(np.asarray(theta, dtype=np.float64)) - 90.0
-    return 90.0 - np.mod(90.0 - pa, 180.0)
+    return wrap_pa(np.degrees(np.asarray(theta, dtype=np.float64)) - 90.0)
 
 
 def dilate_mask(mask: np.ndarray, radius: float) -> np.ndarray:

@@ -37,14 +37,14 @@ import numpy as np
 import torch
 
 from .errors import DataError, ModelError
-from .fitting.api import _physical_jacobian, _wrap_degrees, _wrapped_angles
+from .fitting.api import _physical_jacobian, _wrapped_angles
 from .fitting.data import flux_step, make_batch
 from .fitting.lm import LMOptions, levenberg_marquardt
 from .fitting.problem import finite_difference_steps, step_scales
 from .fitting.result import FitResult
 from .flags import Flag, Status
 from .model import Model
-from .params import Identity, ParameterLayout
+from .params import Identity, ParameterLayout, wrap_pa
 from .profiles import EllipticalProfile
 from .render import Renderer, RenderOptions, prepare_psf
 
@@ -648,7 +648,7 @@ def fit_field(model: Model, image, sigma=None, mask=None, psf=None, *,
     sky_vals = sky_layout.physical(zs) if sky_layout is not None else {}
     values = {k: vals[k].detach().cpu().numpy() for k in keys_src}
     for k in _wrapped_angles(src_layout):
-        values[k] = _wrap_degrees(values[k])
+        values[k] = wrap_pa(values[k])
     values.update({k: np.full(N, float(sky_vals[k][0])) for k in keys_sky})
     cov = np.full((N, K, K), np.nan)
     n_pix = int(batch.n_pixels[0])

@@ -31,7 +31,14 @@ __all__ = [
     "UpperBound",
     "make_transform",
     "ParameterLayout",
+    "wrap_pa",
 ]
+
+def wrap_pa(pa):
+    """Position angles in degrees moved by whole turns of 180 degrees into (-90, 90], the range
+    in which galprof reports them (an ellipse turned by 180 degrees is the same ellipse)."""
+    return 90.0 - np.mod(90.0 - np.asarray(pa, dtype=np.float64), 180.0)
+
 
 #: Parameter kinds. Lengths are rescaled by the renderer when it works on a finer grid;
 #: positions are pixel coordinates (GALFIT convention, see docs/conventions.md).

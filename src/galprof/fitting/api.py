@@ -12,6 +12,7 @@ from torch.func import jvp
 from ..errors import PSFError
 from ..flags import Flag, Status
 from ..model import Model
+from ..params import wrap_pa
 from ..render import Renderer, RenderOptions, prepare_psf
 from .data import make_batch
 from .gradient import AdamOptions, adam
@@ -203,7 +204,7 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
     values = {k: to_np(values_t[k]) for k in keys}
     angles = _wrapped_angles(layout)
     for k in angles:
-        values[k] = _wrap_degrees(values[k])
+        values[k] = wrap_pa(values[k])
     var = torch.diagonal(cov, dim1=1, dim2=2)
     errors = {}
     for i, k in enumerate(keys):
@@ -216,7 +217,7 @@ def fit(model: Model, images: Sequence, sigmas: Sequence | None = None, masks: S
                                seed=seed, statistic=statistic, jacobian=jacobian, options=lm_options)
         samples = {k: to_np(v) for k, v in samples_t.items()}
         for k in angles:   # each refit's angle taken within 90 degrees of the best fit's
-            samples[k] = values[k][:, None] + _wrap_degrees(samples[k] - values[k][:, None])
+            samples[k] = values[k][:, None] + wrap_pa(samples[k] - values[k][:, None])
         percentiles = {}
         for k in keys:
             with np.errstate(invalid="ignore"), warnings.catch_warnings():
@@ -246,11 +247,6 @@ def _wrapped_angles(layout) -> list[str]:
     the values inside them)."""
     return [k for k in layout.keys if layout.spec(k).kind == "angle" and (k in layout.free or k in layout.tied)
             and layout.bounds(k) == (None, None)]
-
-
-def _wrap_degrees(a: np.ndarray) -> np.ndarray:
-    """Angles in degrees, moved by whole turns of 180 degrees into (-90, 90]."""
-    return a - 180.0 * np.ceil((a - 90.0) / 180.0)
 
 
 def _solver(optimizer, options):
