@@ -1,6 +1,6 @@
 """Throughput of galprof's morphology against statmorph on the same stamps and CPU.
 
-    python3 benchmarks/morphology_throughput.py [--n 512] [--threads 1] [--statmorph-count N]
+    python3 benchmarks/morphology_throughput.py [--n 512] [--threads 1] [--workers 1,2] [--statmorph-count N]
 
 Stamps: benchmarks/morph_sims.py (GalSim Sersic galaxies, 128 x 128 px, integer ADU, photutils
 segmentation maps, some companions, knots, cosmic rays and masked regions). galprof measures all of
@@ -8,8 +8,10 @@ them in one call (``measure_morphology``, batches of ``--batch-size``); statmorp
 (``SourceMorphology`` with its defaults, which also runs its MID statistics and a Sersic fit) one
 after the other on the first ``--statmorph-count`` stamps (default: all). Both are timed in wall-clock
 and process CPU seconds; the table also gives the largest difference between the two on the common
-stamps for the main statistics. On a shared machine, CPU times are the fairer comparison (both are
-single-process; galprof runs ``--threads`` torch threads). Needs galsim, photutils and statmorph.
+stamps for the main statistics. galprof runs once per entry of ``--workers`` (worker processes of
+one torch thread each; CPU seconds include the workers'). CPU seconds compare the work done per
+core; wall-clock throughput is what a user of the whole 2-core CPU gets (statmorph runs one stamp
+after the other in one process). Needs galsim, photutils and statmorph.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 import warnings
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads for galprof")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker-process counts for galprof")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--asym-xtol", type=float, default=1e-6)
     p.add_argument("--statmorph-count", type=int, default=None, help="statmorph on the first N stamps only")
@@ -58,10 +62,12 @@ def main(argv=None) -> int:
     measure_morphology(images[:4], segmaps[:4], labels[:4], masks[:4], gain=GAIN, options=opts, dtype=dtype)  # warm-up
 
     load0 = os.getloadavg()[0]
-    w0, c0 = time.perf_counter(), time.process_time()
-    tab = measure_morphology(images, segmaps, labels, masks, gain=GAIN, options=opts, dtype=dtype,
-                             batch_size=args.batch_size)
-    gp_wall, gp_cpu = time.perf_counter() - w0, time.process_time() - c0
+    runs = []
+    for workers in [int(w) for w in args.workers.split(",")]:
+        w0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
+        tab = measure_morphology(images, segmaps, labels, masks, gain=GAIN, options=opts, dtype=dtype,
+                                 batch_size=args.batch_size, workers=workers)
+        runs.append((workers, time.perf_counter() - w0, time.process_time() - c0 + _children_cpu() - k0))
 
     m = args.n if args.statmorph_count is None else min(args.n, args.statmorph_count)
     ref = {k: np.full(m, np.nan) for k in KEYS}
@@ -82,9 +88,12 @@ def main(argv=None) -> int:
     print("| code | stamps | wall s | CPU s | stamps/s (wall) | stamps/s (CPU) |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| statmorph | {m} | {sm_wall:.1f} | {sm_cpu:.1f} | {m / sm_wall:.2f} | {m / sm_cpu:.2f} |")
-    print(f"| galprof | {args.n} | {gp_wall:.1f} | {gp_cpu:.1f} | {args.n / gp_wall:.2f} | {args.n / gp_cpu:.2f} |")
-    print(f"\nthroughput ratio galprof / statmorph: {(args.n / gp_wall) / (m / sm_wall):.1f} (wall), "
-          f"{(args.n / gp_cpu) / (m / sm_cpu):.1f} (CPU)")
+    for workers, gp_wall, gp_cpu in runs:
+        print(f"| galprof, {workers} process{'es' if workers > 1 else ''} | {args.n} | {gp_wall:.1f} | {gp_cpu:.1f} | "
+              f"{args.n / gp_wall:.2f} | {args.n / gp_cpu:.2f} |")
+    for workers, gp_wall, gp_cpu in runs:
+        print(f"\nthroughput ratio galprof ({workers} process{'es' if workers > 1 else ''}) / statmorph: "
+              f"{(args.n / gp_wall) / (m / sm_wall):.1f} (wall), {(args.n / gp_cpu) / (m / sm_cpu):.1f} (CPU)")
     print("\n| statistic | max abs difference | max rel difference |")
     print("| --- | --- | --- |")
     for k in KEYS:
@@ -94,6 +103,12 @@ def main(argv=None) -> int:
             rel = np.nanmax(np.where(d == 0, 0.0, d / np.abs(ref[k])))
         print(f"| {k} | {np.nanmax(d):.2e} | {rel:.2e} |")
     return 0
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished child processes (galprof's workers)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 if __name__ == "__main__":

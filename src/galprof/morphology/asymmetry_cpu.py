@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from . import asymmetry_jit
+
 __all__ = ["StampAsymmetry", "fmin2"]
 
 BAD_VALUE = 100.0  # as asymmetry.BAD_VALUE
@@ -109,6 +111,8 @@ class StampAsymmetry:
         self.wbuf = np.ones(sup.size)
         self.ring_vals = np.empty((2, k))
         self.key = None
+        self.ring_col, self.ring_row = col.astype(np.int64), row.astype(np.int64)
+        self._jargs = None
 
     def _set_kind(self, kind: str, sky: float):
         sky = 0.0 if not math.isfinite(sky) else float(sky)
@@ -128,7 +132,19 @@ class StampAsymmetry:
         other.ring_vals = np.empty_like(self.ring_vals)
         other.fr, other.z, other.tmp, other.q = (np.empty_like(a) for a in (self.fr, self.z, self.tmp, self.q))
         other.base = np.zeros_like(self.base)
+        other._jargs = None
         return other
+
+    def jit_args(self) -> tuple:
+        """The state that :func:`galprof.morphology.asymmetry_jit.asym_eval` reads (the
+        arguments before ``cx, cy``)."""
+        if self._jargs is None:
+            w1 = self.w + 1
+            unmasked = self.unmasked if self.has_mask else self.usable  # (not read without a mask)
+            self._jargs = (self.img, self.usable, unmasked, self.has_mask, self.off, self.ni, self.ring_col,
+                           self.ring_row, self.h, self.p, self.wp, self.nx, self.ny, self.r2, self.inv_r, self.sky_a,
+                           self.sky_d, self.square, np.empty((4, w1)), np.empty((4, w1)))
+        return self._jargs
 
     # -- planes of a quarter-pixel cell --
     def _build(self, fx: int, fy: int, n2x: int, n2y: int, m2x: int, m2y: int):
@@ -216,6 +232,8 @@ class StampAsymmetry:
         return (num - area * self.sky_a) / (den - area * self.sky_d)
 
     def __call__(self, cx: float, cy: float) -> float:
+        if asymmetry_jit.ENABLED:
+            return float(asymmetry_jit.asym_eval(*self.jit_args(), float(cx), float(cy)))
         if not (0.0 <= cx < self.nx and 0.0 <= cy < self.ny):
             return BAD_VALUE
         fx, fy = math.floor(cx), math.floor(cy)

@@ -51,6 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu")
     m.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
     m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--workers", type=int, default=1,
+                   help="processes measuring batches side by side on the CPU, one thread each (default 1)")
     return m
 
 
@@ -72,7 +74,7 @@ def _label(value) -> int | None:
 
 def morphology_columns(images, masks, ids, mask_labels=None, sigmas=None, *, gain: float | None = None,
                        options: MorphologyOptions | None = None, detect_options: DetectOptions | None = None,
-                       device="cpu", dtype=torch.float64, batch_size: int = 64) -> Table:
+                       device="cpu", dtype=torch.float64, batch_size: int = 64, workers: int = 1) -> Table:
     """Morphology columns for a set of galaxies, to be joined with a fit table on ``id``.
 
     ``masks[i]`` is a segmentation map when ``mask_labels[i]`` is given (its other labels are
@@ -91,7 +93,8 @@ def morphology_columns(images, masks, ids, mask_labels=None, sigmas=None, *, gai
             segmaps.append(None)
             user_masks.append(None if m is None else np.asarray(m) != 0)
     return measure_morphology(images, segmaps, labels, user_masks, sigmas, gain=gain, ids=ids, options=options,
-                              detect_options=detect_options, batch_size=batch_size, device=device, dtype=dtype)
+                              detect_options=detect_options, batch_size=batch_size, device=device, dtype=dtype,
+                              workers=workers)
 
 
 def run(args) -> int:
@@ -128,7 +131,7 @@ def run(args) -> int:
     part = morphology_columns(images, masks, [ids[i] for i in good], labels,
                               sigmas if any(s is not None for s in sigmas) else None, gain=args.gain, options=opts,
                               detect_options=det, device=args.device, dtype=_DTYPES[args.dtype],
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, workers=args.workers)
     result = _in_catalogue_order(part, ids, good, problems)
     from .. import __version__
 

@@ -576,9 +576,9 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     deg = 180.0 / math.pi
     out.update(
         xc_centroid=xc, yc_centroid=yc, ellipticity_centroid=e_c, elongation_centroid=el_c,
-        pa_centroid=torch.remainder(th_c * deg - 90.0, 180.0),
+        pa_centroid=90.0 - torch.remainder(180.0 - th_c * deg, 180.0),  # (-90, 90], as params.wrap_pa
         xc_asymmetry=xa, yc_asymmetry=ya, ellipticity_asymmetry=e_a, elongation_asymmetry=el_a,
-        pa_asymmetry=torch.remainder(th_a * deg - 90.0, 180.0),
+        pa_asymmetry=90.0 - torch.remainder(180.0 - th_a * deg, 180.0),
         flux_circ=flux_circ, flux_ellip=flux_ellip, rpetro_circ=rpc, rpetro_ellip=rpe, rmax_circ=rmax_circ,
         rmax_ellip=rmax_ellip, rhalf_circ=rhalf_circ, rhalf_ellip=rhalf_ellip, r20=r20, r50=r50, r80=r80,
         gini=gini, m20=m20, gini_m20_bulge=-0.693 * m20 + 4.95 * gini - 3.96,
@@ -713,7 +713,16 @@ def _asymmetry_center_cpu(bt, opts, idx, radius, sky_asym, xc, yc, xb, yb, drift
     """:func:`_asymmetry_center` for the stamps ``idx``, one stamp at a time in NumPy
     (:mod:`.asymmetry_cpu`); fills ``xa``, ``ya``, ``aval``, ``flag`` and ``keep`` (stamp ->
     its asymmetry function, for the RMS asymmetry in the same aperture) in place."""
+    from . import asymmetry_jit
     from .asymmetry_cpu import StampAsymmetry, fmin2
+
+    if asymmetry_jit.ENABLED:  # the whole simplex compiled
+        def search(fun, x0):
+            x, y, f = asymmetry_jit.fmin2_asym(*fun.jit_args(), float(x0[0]), float(x0[1]), xt, ft, 400, 400)
+            return (x, y), f
+    else:
+        def search(fun, x0):
+            return fmin2(fun, x0, xtol=xt, ftol=ft)
 
     if idx.numel() == 0:
         return
@@ -728,12 +737,12 @@ def _asymmetry_center_cpu(bt, opts, idx, radius, sky_asym, xc, yc, xb, yb, drift
     for k in range(len(ids)):
         fun = StampAsymmetry(img[k, :ny[k], :nx[k]], mask[k, :ny[k], :nx[k]], rad[k], sky[k])
         x0 = (x0s[k], y0s[k])
-        best, fbest = fmin2(fun, x0, xtol=xt, ftol=ft)
+        best, fbest = search(fun, x0)
         bits = int(MorphFlag.ASYM_CENTER) if fbest >= 100.0 else 0
         if math.sqrt((best[0] - x0[0]) ** 2 + (best[1] - x0[1]) ** 2) > dr[k]:
             bits |= int(MorphFlag.ASYM_CENTER)
             x1 = (x1s[k], y1s[k])
-            best2, _ = fmin2(fun, x1, xtol=xt, ftol=ft)
+            best2, _ = search(fun, x1)
             if math.sqrt((best2[0] - x1[0]) ** 2 + (best2[1] - x1[1]) ** 2) > dr[k]:
                 best = x0
                 bits |= int(MorphFlag.ASYM_CENTROID)
@@ -756,7 +765,7 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
                        sigmas: Sequence[np.ndarray | None] | None = None, *, gain: float | None = None,
                        ids: Sequence | None = None, options: MorphologyOptions | None = None,
                        detect_options=None, batch_size: int = 64, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float64) -> Table:
+                       dtype: torch.dtype = torch.float64, workers: int = 1) -> Table:
     """Non-parametric morphology (CAS, Gini-M20, radii) of each stamp, statmorph's definitions.
 
     Parameters
@@ -785,6 +794,9 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
         Stamps measured together.
     device, dtype :
         Where and in which precision to compute (float64 recommended; see docs/morphology.md).
+    workers : int
+        Processes measuring batches side by side on a CPU (1: in this process). Each worker
+        runs one torch thread; the table is the same as with one. Not for a GPU device.
 
     Returns
     -------
@@ -797,6 +809,10 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
     from .detect import DetectOptions, segment_stamps
 
     opts = options or MorphologyOptions()
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    if workers > 1 and torch.device(device).type != "cpu":
+        raise ValueError(f"workers > 1 runs on the CPU only (device {device!r}): use one process per GPU")
     n = len(images)
     ids = list(range(n)) if ids is None else list(ids)
     if len(ids) != n:
@@ -843,15 +859,12 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
     flags = np.zeros(n, dtype=np.int64)
     good = [i for i in range(n) if stamps[i] is not None]
     good.sort(key=lambda i: stamps[i].image.size)
-    for s in range(0, len(good), batch_size):
-        part = good[s:s + batch_size]
-        bt = _Batch([stamps[i] for i in part], device, dtype)
-        with torch.no_grad():
-            res = _measure_batch(bt, opts, gain)
-        fl = res.pop("_flag").cpu().numpy()
+    parts = [good[s:s + batch_size] for s in range(0, len(good), batch_size)]
+    for part, res in zip(parts, _run_batches([[stamps[i] for i in p] for p in parts], opts, gain, device, dtype,
+                                             workers)):
+        flags[part] = res.pop("_flag")
         for key, v in res.items():
-            results[key][part] = v.detach().to(torch.float64).cpu().numpy()
-        flags[part] = fl
+            results[key][part] = v
     for i in range(n):
         flags[i] |= notes[i][0]
         st = stamps[i]
@@ -870,6 +883,53 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
     table.meta["MORPHOPT"] = json.dumps(asdict(opts))
     log.info("morphology of %d stamps in %.2f s", n, time.perf_counter() - t0)
     return table
+
+
+def _measure_numpy(stamps: list[_Stamp], opts: MorphologyOptions, gain: float | None, device,
+                   dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """One batch measured, as NumPy arrays (``_flag`` as integers)."""
+    bt = _Batch(stamps, device, dtype)
+    with torch.no_grad():
+        res = _measure_batch(bt, opts, gain)
+    out = {"_flag": res.pop("_flag").cpu().numpy().astype(np.int64)}
+    out.update({key: v.detach().to(torch.float64).cpu().numpy() for key, v in res.items()})
+    return out
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _worker_batch(stamps, opts, gain, dtype):
+    return _measure_numpy(stamps, opts, gain, "cpu", dtype)
+
+
+def _run_batches(batches: list[list[_Stamp]], opts: MorphologyOptions, gain: float | None, device, dtype, workers: int):
+    """Yield the measurements of each batch in order, in this process or in ``workers`` processes.
+
+    A batch whose worker fails (a process killed for memory, say) is measured again here, so
+    that a broken worker costs time, never results.
+    """
+    if workers == 1 or len(batches) < 2:
+        for b in batches:
+            yield _measure_numpy(b, opts, gain, device, dtype)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork where the platform has it (no re-import of torch per worker); each worker one thread
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=min(workers, len(batches)), mp_context=multiprocessing.get_context(method),
+                             initializer=_worker_init) as pool:
+        futures = [pool.submit(_worker_batch, b, opts, gain, dtype) for b in batches]
+        for b, fut in zip(batches, futures):
+            try:
+                res = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a worker's failure must not lose the batch
+                log.warning("a morphology worker failed (%s: %s); measuring its batch in this process",
+                            type(exc).__name__, exc)
+                res = _measure_numpy(b, opts, gain, "cpu", dtype)
+            yield res
 
 
 _TEXT = {
