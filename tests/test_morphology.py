@@ -140,6 +140,13 @@ def test_cli_sdss_examples(golden, tmp_path):
     assert main(["morph", "--catalog", str(ROOT / "examples" / "sdss" / "catalog.csv"), "--out", str(tmp_path / "w"),
                  "--workers", "2", "--batch-size", "1"]) == 0
     tw = Table.read(tmp_path / "w" / "morphology.fits")
+    # bad --workers values: a clear error before any image is read
+    with pytest.raises(SystemExit) as exc:
+        main(["morph", "--catalog", str(ROOT / "examples" / "sdss" / "catalog.csv"), "--out", str(tmp_path / "x"),
+              "--workers", "0"])
+    assert exc.value.code == 2
+    assert main(["morph", "--catalog", "missing.csv", "--out", str(tmp_path / "x"), "--workers", "2",
+                 "--device", "meta"]) == 2
     assert list(tw["id"]) == list(t["id"])
     for key in ("concentration", "asymmetry", "smoothness", "gini", "m20", "rpetro_circ"):
         np.testing.assert_allclose(tw[key], t[key], rtol=1e-12, atol=1e-14)
@@ -214,6 +221,57 @@ def test_worker_processes_give_the_same_table(golden):
         measure_morphology(*args, gain=2.0, batch_size=2, workers=2, device="meta")
     with pytest.raises(ValueError, match="at least 1"):
         measure_morphology(*args, gain=2.0, workers=0)
+
+
+def _measure_in_daemon(args, queue):
+    t = measure_morphology(*args, gain=2.0, batch_size=2, workers=2)
+    queue.put(np.asarray(t["asymmetry"], float))
+
+
+def test_workers_in_a_daemonic_process_fall_back_to_one():
+    """Inside a daemonic process (a multiprocessing pool's or a Dask worker), which may have no
+    children, workers=2 measures in that process instead of failing."""
+    import multiprocessing
+
+    d = np.load(GOLDEN / "stamps.npz")
+    pick = [0, 19, 33]
+    args = ([d[f"image_{i:03d}"].astype(float) for i in pick], [d[f"segmap_{i:03d}"] for i in pick],
+            [int(d["labels"][i]) for i in pick])
+    ref = np.asarray(measure_morphology(*args, gain=2.0, batch_size=2)["asymmetry"], float)
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure_in_daemon, args=(args, queue), daemon=True)
+    proc.start()
+    got = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_asymmetry_without_overlapping_usable_pixels_is_bad(cpu_kernels):
+    """Where no usable pixel overlaps the aperture, the asymmetry is the bad value 100 on every
+    path, not a ratio of rounding noise: the ring pixels that do not overlap got weights of
+    +-1e-18 before they were cut to 0 (here the NumPy path gave 0.987, the compiled one 100)."""
+    from galprof.morphology.asymmetry import AsymmetryFunction
+    from galprof.morphology.asymmetry_cpu import StampAsymmetry
+
+    img = np.array([[0, 0, 0], [2.722, 3.315, 0], [0, 3.096, 0.889], [2.812, 2.575, 4.512]])
+    mask = np.array([[1, 1, 1], [0, 0, 1], [1, 0, 0], [0, 0, 0]], bool)
+    r, cx, cy = 0.1, 0.12169828862635867, 1.4686250141059998
+    assert StampAsymmetry(img, mask, r, float("nan"), kind="shape")(cx, cy) == 100.0
+    f = AsymmetryFunction(torch.tensor(img[None]), torch.tensor(mask[None]), torch.tensor([4]), torch.tensor([3]),
+                          torch.tensor([r], dtype=torch.float64), kind="shape")
+    assert float(f(torch.tensor([0]), torch.tensor([cx], dtype=torch.float64),
+                   torch.tensor([cy], dtype=torch.float64))[0]) == 100.0
+    # small apertures wholly inside a masked disc: always 100
+    yy, xx = np.mgrid[0:24, 0:24]
+    mask = np.hypot(xx - 11.5, yy - 11.5) < 6
+    image = np.where(mask, 0.0, 1.0 + 0.1 * np.cos(xx) * np.sin(yy))
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        r = rng.uniform(0.05, 1.0)
+        cx, cy = rng.uniform(10.5, 12.5, 2)
+        assert StampAsymmetry(image, mask, r, 0.0)(cx, cy) == 100.0, (r, cx, cy)
 
 
 def test_float32_within_tolerances(golden):
@@ -412,8 +470,8 @@ def cpu_kernels(request, monkeypatch):
     """The CPU asymmetry path with its NumPy kernels and with the compiled ones (numba)."""
     from galprof.morphology import asymmetry_jit
 
-    if request.param == "numba":
-        pytest.importorskip("numba")
+    if request.param == "numba" and not asymmetry_jit.COMPILED:
+        pytest.skip("numba not installed (or GALPROF_NO_JIT set)")
     monkeypatch.setattr(asymmetry_jit, "ENABLED", request.param == "numba")
     return request.param
 
@@ -421,9 +479,11 @@ def cpu_kernels(request, monkeypatch):
 def test_compiled_asymmetry_equals_numpy(monkeypatch):
     """The compiled evaluation equals the NumPy one at arbitrary centres (in and off the stamp,
     masked stamps, every kind), and the compiled simplex finds fmin2's minimum."""
-    pytest.importorskip("numba")
     from galprof.morphology import asymmetry_jit
     from galprof.morphology.asymmetry_cpu import StampAsymmetry, fmin2
+
+    if not asymmetry_jit.COMPILED:
+        pytest.skip("numba not installed (or GALPROF_NO_JIT set)")
 
     d = np.load(GOLDEN / "stamps.npz")
     rng = np.random.default_rng(3)
@@ -456,9 +516,11 @@ def test_compiled_radial_sums_equal_tensor_sums(monkeypatch):
     """The compiled exact aperture sums (circles and ellipses) equal the tensor code's, for
     radii inside, across and beyond the stamp, zero, negative and NaN radii, on a subset of
     stamps; and both equal the dense exact weights of geometry.aperture_weights."""
-    pytest.importorskip("numba")
     from galprof.morphology import asymmetry_jit
     from galprof.morphology.radial import RadialProfile
+
+    if not asymmetry_jit.COMPILED:
+        pytest.skip("numba not installed (or GALPROF_NO_JIT set)")
 
     rng = np.random.default_rng(5)
     b, h, w = 4, 37, 45

@@ -38,6 +38,7 @@ __all__ = ["AsymmetryFunction"]
 
 #: value returned for centres outside the stamp or with no flux in the aperture (statmorph's)
 BAD_VALUE = 100.0
+_TINY_OVERLAP = 1e-12  # overlaps below this (pixels) are 0: see _ring_weights
 
 
 class AsymmetryFunction:
@@ -303,7 +304,11 @@ class AsymmetryFunction:
         f.addcmul_(x[3], y[2])
         f = torch.lerp(f, x[1] * y[1], inside, out=d2)
         area = torch.mm(self._mix, f.view(4, -1)).view(npts, k)
-        return area.mul_(rq[:, 1:]).clamp_(0.0, 1.0)
+        # below 1e-12 of a pixel an overlap is rounding noise of a pixel that does not overlap
+        # (statmorph's exact weights give 0 there): with every usable pixel of that kind the
+        # denominator would be noise instead of 0
+        area = area.mul_(rq[:, 1:]).clamp_(0.0, 1.0)
+        return area.masked_fill_(area < _TINY_OVERLAP, 0.0)
 
     def _ellipse_weights(self, idx, fx, fy):
         w, h = self.win, self.h

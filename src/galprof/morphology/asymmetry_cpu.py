@@ -23,10 +23,10 @@ import math
 import numpy as np
 
 from . import asymmetry_jit
+from .asymmetry import _TINY_OVERLAP, BAD_VALUE
 
 __all__ = ["StampAsymmetry", "fmin2"]
 
-BAD_VALUE = 100.0  # as asymmetry.BAD_VALUE
 _PI8 = 0.125 * math.pi
 
 
@@ -206,7 +206,9 @@ class StampAsymmetry:
         area += f[1, 1]
         area *= self.r2
         np.maximum(area, 0.0, out=area)
-        return np.minimum(area, 1.0, out=area)
+        np.minimum(area, 1.0, out=area)
+        area[area < _TINY_OVERLAP] = 0.0  # rounding noise of a pixel that does not overlap
+        return area
 
     def offsets(self, cx: float, cy: float) -> tuple[np.ndarray, np.ndarray]:
         """Offsets (x, y) of the support's pixels from the centre ``(cx, cy)`` (for weights

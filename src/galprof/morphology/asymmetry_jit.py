@@ -7,8 +7,10 @@ per aperture pixel as the NumPy path costs microseconds per call, and the simple
 statmorph's path (``scipy.optimize.fmin``'s steps, about 125 evaluations per stamp) runs without
 returning to Python. Results equal the NumPy path's to rounding (tests/test_morphology.py).
 
-``ENABLED`` is False when numba is missing (or ``GALPROF_NO_JIT`` is set in the environment);
-the NumPy path is then used.
+``ENABLED`` is False when numba is missing or ``GALPROF_NO_JIT`` is set to a true value (``1``,
+``true``, ``yes``); the NumPy path is then used and nothing is compiled. The compiled code is
+cached on disk next to this file, or, where that is read-only, in numba's user-wide cache (or
+``NUMBA_CACHE_DIR``); where no cache can be written it is compiled in every process.
 """
 
 from __future__ import annotations
@@ -18,21 +20,31 @@ import os
 
 import numpy as np
 
+from .asymmetry import _TINY_OVERLAP, BAD_VALUE
+
 try:  # optional dependency: galprof[fast]
     import numba
 except ImportError:  # pragma: no cover - exercised where numba is missing
     numba = None
 
-__all__ = ["ENABLED", "asym_eval", "fmin2_asym"]
+__all__ = ["COMPILED", "ENABLED", "asym_eval", "fmin2_asym", "radial_sums"]
 
-ENABLED = numba is not None and not os.environ.get("GALPROF_NO_JIT")
+_OFF = os.environ.get("GALPROF_NO_JIT", "").strip().lower() in ("1", "true", "yes", "on")
+#: whether the kernels below are compiled (numba present and not turned off)
+COMPILED = numba is not None and not _OFF
+#: whether galprof uses them (tests switch this to compare both paths)
+ENABLED = COMPILED
 
-BAD_VALUE = 100.0  # as asymmetry.BAD_VALUE
 _PI8 = 0.125 * math.pi
 
 
 def _jit(f):
-    return numba.njit(cache=True, nogil=True)(f) if numba is not None else f
+    if not COMPILED:
+        return f
+    try:
+        return numba.njit(cache=True, nogil=True)(f)
+    except RuntimeError:  # no writable cache location: compile in every process instead
+        return numba.njit(nogil=True)(f)
 
 
 @_jit
@@ -120,6 +132,8 @@ def asym_eval(img, usable, unmasked, has_mask, off, ni, ring_col, ring_row, h, p
             wr += _f(qx, qy, c0 + 1, r0 + 1)
             wr *= r2
             wr = min(max(wr, 0.0), 1.0)
+            if wr < _TINY_OVERLAP:  # rounding noise of a pixel that does not overlap
+                wr = 0.0
             num += t * wr
             den += ai * wr
             area += valid * wr

@@ -50,10 +50,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="stopping tolerance of the asymmetry-centre simplex, pixels (default %(default)s)")
     m.add_argument("--device", default="cpu")
     m.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
-    m.add_argument("--batch-size", type=int, default=64)
-    m.add_argument("--workers", type=int, default=1,
+    m.add_argument("--batch-size", type=_positive, default=64)
+    m.add_argument("--workers", type=_positive, default=1,
                    help="processes measuring batches side by side on the CPU, one thread each (default 1)")
     return m
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
 
 
 def _path(folder: Path, value) -> str | None:
@@ -101,6 +108,9 @@ def run(args) -> int:
     """Run ``galprof morph`` (see ``galprof morph --help``); returns the exit code."""
     from ..catalog import read_catalog
 
+    if args.workers > 1 and torch.device(args.device).type != "cpu":
+        raise DataError(f"--workers {args.workers} runs on the CPU only (--device {args.device}): "
+                        "use one process per GPU")
     table = read_catalog(args.catalog)
     if "image" not in table.colnames:
         raise DataError(f"catalogue {args.catalog!r} lacks an 'image' column")

@@ -917,11 +917,23 @@ def _run_batches(batches: list[list[_Stamp]], opts: MorphologyOptions, gain: flo
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    def here(why):
+        log.warning("morphology workers unavailable (%s); measuring in this process", why)
+        for b in batches:
+            yield _measure_numpy(b, opts, gain, device, dtype)
+
+    if multiprocessing.current_process().daemon:  # a daemonic process (a pool's or a Dask worker) has no children
+        yield from here("this is a daemonic process")
+        return
     # fork where the platform has it (no re-import of torch per worker); each worker one thread
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=min(workers, len(batches)), mp_context=multiprocessing.get_context(method),
                              initializer=_worker_init) as pool:
-        futures = [pool.submit(_worker_batch, b, opts, gain, dtype) for b in batches]
+        try:
+            futures = [pool.submit(_worker_batch, b, opts, gain, dtype) for b in batches]
+        except Exception as exc:  # noqa: BLE001 - no worker could start: this process does the work
+            yield from here(f"{type(exc).__name__}: {exc}")
+            return
         for b, fut in zip(batches, futures):
             try:
                 res = fut.result()

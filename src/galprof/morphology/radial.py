@@ -106,7 +106,7 @@ class RadialProfile:
         bq, q = a.shape
         if bq == 0 or q == 0:
             return torch.zeros(bq, c, q, dtype=self.dtype, device=self.device)
-        if self._compiled:
+        if self._compiled and not (self.vals.requires_grad or a.requires_grad):
             out = torch.empty(bq, c, q, dtype=self.dtype)
             asymmetry_jit.radial_sums(self.rho.numpy(), self.order.numpy(), self.vals.numpy(), self.cum.numpy(),
                                       self.xc.numpy(), self.yc.numpy(), self.w, self.delta.numpy(),
