@@ -45,7 +45,7 @@ KEYS = [
     "flux_circ", "flux_ellip", "rpetro_circ", "rpetro_ellip", "rmax_circ", "rmax_ellip", "rhalf_circ",
     "rhalf_ellip", "r20", "r50", "r80", "gini", "m20", "gini_m20_bulge", "gini_m20_merger", "sn_per_pixel",
     "concentration", "asymmetry", "smoothness", "rms_asymmetry2", "outer_asymmetry", "shape_asymmetry",
-    "sky_mean", "sky_median", "sky_sigma", "flag",
+    "sky_mean", "sky_median", "sky_sigma", "multimode", "intensity", "deviation", "flag",
 ]
 
 

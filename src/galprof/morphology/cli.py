@@ -48,6 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="automatic segmentation: smallest source in pixels (default %(default)s)")
     m.add_argument("--asym-xtol", type=float, default=MorphologyOptions.asym_xtol,
                    help="stopping tolerance of the asymmetry-centre simplex, pixels (default %(default)s)")
+    m.add_argument("--mid", action="store_true",
+                   help="also the MID statistics (multimode, intensity, deviation); needs scipy and scikit-image")
     m.add_argument("--device", default="cpu")
     m.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
     m.add_argument("--batch-size", type=_positive, default=64)
@@ -108,6 +110,12 @@ def run(args) -> int:
     """Run ``galprof morph`` (see ``galprof morph --help``); returns the exit code."""
     from ..catalog import read_catalog
 
+    if args.mid:
+        try:
+            import scipy.optimize  # noqa: F401
+            import skimage.segmentation  # noqa: F401
+        except ImportError as exc:
+            raise DataError(f"--mid needs SciPy and scikit-image (pip install 'galprof[mid]'): {exc}") from None
     if args.workers > 1 and torch.device(args.device).type != "cpu":
         raise DataError(f"--workers {args.workers} runs on the CPU only (--device {args.device}): "
                         "use one process per GPU")
@@ -136,7 +144,7 @@ def run(args) -> int:
         except DataError as exc:
             problems[i] = str(exc)
     t0 = time.perf_counter()
-    opts = MorphologyOptions(asym_xtol=args.asym_xtol)
+    opts = MorphologyOptions(asym_xtol=args.asym_xtol, mid=args.mid)
     det = DetectOptions(nsigma=args.nsigma, npixels=args.npixels)
     part = morphology_columns(images, masks, [ids[i] for i in good], labels,
                               sigmas if any(s is not None for s in sigmas) else None, gain=args.gain, options=opts,

@@ -25,12 +25,14 @@ class MorphFlag(IntFlag):
     NONPOSITIVE = 256      #: nonpositive total flux or second moment in a statistic (that statistic is NaN)
     SHAPE_SEGMAP = 512     #: shape-asymmetry segmentation undefined or its brightest pixel added
     GINI_DISJOINT = 1024   #: the Gini segmentation had disjoint parts (only the brightest one kept)
+    MID = 2048             #: MID statistics: segmentation fixed (brightest pixel added, zero flux) or D undefined
+    MID_SEGMAP = 4096      #: the Gini and MID segmentations overlap little (``segmap_overlap_ratio``)
 
 
 #: bits that make a measurement bad (statmorph ``flag >= 2``)
 BAD = (MorphFlag.NO_DATA | MorphFlag.CENTROID | MorphFlag.ASYM_CENTROID | MorphFlag.PETROSIAN
        | MorphFlag.NO_SKYBOX | MorphFlag.SKY_NOT_SUBTRACTED | MorphFlag.GINI_SEGMAP | MorphFlag.NONPOSITIVE
-       | MorphFlag.SHAPE_SEGMAP)
+       | MorphFlag.SHAPE_SEGMAP | MorphFlag.MID)
 
 
 def describe_morph_flags(value: int) -> str:

@@ -58,6 +58,12 @@ class MorphologyOptions:
     asym_xtol, asym_ftol : stopping tolerances of the asymmetry-centre simplex (pixels; asymmetry)
     root_xtol : absolute tolerance of the radii (pixels)
     chunk : stamps per asymmetry-centre search (sorted by aperture size)
+    mid : also the MID statistics (``multimode``, ``intensity``, ``deviation``; one stamp at a time
+        on the CPU, needs SciPy and scikit-image; :mod:`galprof.morphology.mid`)
+    boxcar_size_mid, niter_bh_mid, sigma_mid : statmorph's MID settings (boxcar of the MID
+        segmentation, basin-hopping hops of the multimode, Gaussian smoothing of the intensity)
+    segmap_overlap_ratio : Gini and MID segmentations overlapping by less than this (of the larger)
+        make the measurement suspect (with ``mid`` only)
     cpu_fast_path : on CPU in float64, search the asymmetry centres one stamp at a time in NumPy
         (:mod:`galprof.morphology.asymmetry_cpu`; same results to rounding, several times faster
         than the batched tensor code there); False: the batched code everywhere
@@ -79,6 +85,11 @@ class MorphologyOptions:
     root_xtol: float = 1e-6
     chunk: int = 16
     cpu_fast_path: bool = True
+    mid: bool = False
+    boxcar_size_mid: float = 3.0
+    niter_bh_mid: int = 5
+    sigma_mid: float = 1.0
+    segmap_overlap_ratio: float = 0.25
 
 
 #: output columns (after ``id``), in order, with units
@@ -93,6 +104,8 @@ COLUMNS: dict[str, str] = {
     "concentration": "", "asymmetry": "", "smoothness": "", "rms_asymmetry2": "", "outer_asymmetry": "",
     "shape_asymmetry": "", "sky_mean": "", "sky_median": "", "sky_sigma": "",
 }
+#: columns added with ``MorphologyOptions(mid=True)``
+MID_COLUMNS: dict[str, str] = {"multimode": "", "intensity": "", "deviation": ""}
 
 
 # ============================================================================================
@@ -573,6 +586,9 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
         sn = nan()
 
     clock("gini_m20")
+    if opts.mid:
+        out.update(_mid_batch(bt, ok, nobg, bt.target & ~mask, seg_gini, opts, flag))
+        clock("mid")
     deg = 180.0 / math.pi
     out.update(
         xc_centroid=xc, yc_centroid=yc, ellipticity_centroid=e_c, elongation_centroid=el_c,
@@ -591,6 +607,44 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     out["_flag"] = flag
     log.debug("morphology stage CPU times (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in clock.times.items()))
     return out
+
+
+def _mid_batch(bt: _Batch, ok: torch.Tensor, nobg: torch.Tensor, valid: torch.Tensor, seg_gini: torch.Tensor,
+               opts: MorphologyOptions, flag: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The MID statistics of the batch's measurable stamps, one at a time on the CPU (sets the
+    MID flags of ``flag`` in place)."""
+    from .mid import mid_statistics
+
+    b = bt.b
+    res = {k: torch.full((b,), float("nan"), dtype=torch.float64) for k in MID_COLUMNS}
+    ny, nx = bt.ny.tolist(), bt.nx.tolist()
+    okl = ok.tolist()
+    img = nobg.detach().to("cpu", torch.float64).numpy()
+    val = valid.cpu().numpy()
+    gseg = seg_gini.cpu().numpy()
+    bits = [0] * b
+    for k in range(b):
+        if not okl[k]:
+            continue
+        sl = (slice(0, ny[k]), slice(0, nx[k]))
+        try:
+            r = mid_statistics(img[k][sl], val[k][sl], gseg[k][sl], eta=opts.eta, boxcar_size=opts.boxcar_size_mid,
+                               niter_bh=opts.niter_bh_mid, sigma=opts.sigma_mid)
+        except (ValueError, IndexError, FloatingPointError) as exc:  # a stamp's failure stays its own
+            log.warning("MID statistics of a stamp failed: %s", exc)
+            bits[k] |= int(MorphFlag.MID)
+            continue
+        res["multimode"][k], res["intensity"][k], res["deviation"][k] = r.multimode, r.intensity, r.deviation
+        if r.bad:
+            bits[k] |= int(MorphFlag.MID)
+        g = gseg[k][sl]
+        area_max = max(int(g.sum()), int(r.segmap.sum()))
+        if area_max == 0:
+            bits[k] |= int(MorphFlag.MID)
+        elif int((g & r.segmap).sum()) / float(area_max) < opts.segmap_overlap_ratio:
+            bits[k] |= int(MorphFlag.MID_SEGMAP)
+    flag |= torch.tensor(bits, dtype=flag.dtype, device=flag.device)
+    return {k: v.to(device=nobg.device, dtype=nobg.dtype) for k, v in res.items()}
 
 
 def _groups(radius: torch.Tensor, sel: torch.Tensor, budget: int, most: int | None = None) -> list[torch.Tensor]:
@@ -811,6 +865,13 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
     opts = options or MorphologyOptions()
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
+    if opts.mid:
+        try:
+            import scipy.optimize  # noqa: F401
+            import skimage.segmentation  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(f"the MID statistics (mid=True) need SciPy and scikit-image "
+                              f"(pip install 'galprof[mid]'): {exc}") from None
     if workers > 1 and torch.device(device).type != "cpu":
         raise ValueError(f"workers > 1 runs on the CPU only (device {device!r}): use one process per GPU")
     n = len(images)
@@ -855,7 +916,8 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
         except ValueError as exc:
             notes[i] = (int(MorphFlag.NO_DATA), str(exc))
     # measure in batches of similar sizes
-    results: dict[str, np.ndarray] = {k: np.full(n, np.nan) for k in COLUMNS}
+    columns = {**COLUMNS, **MID_COLUMNS} if opts.mid else COLUMNS
+    results: dict[str, np.ndarray] = {k: np.full(n, np.nan) for k in columns}
     flags = np.zeros(n, dtype=np.int64)
     good = [i for i in range(n) if stamps[i] is not None]
     good.sort(key=lambda i: stamps[i].image.size)
@@ -876,7 +938,7 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
     table["id"] = ids
     table["morph_flag"] = flags
     table["morph_message"] = [_message(int(f), notes[i][1]) for i, f in enumerate(flags)]
-    for key, unit in COLUMNS.items():
+    for key, unit in columns.items():
         table[key] = results[key]
         if unit:
             table[key].unit = unit
@@ -956,6 +1018,8 @@ _TEXT = {
     MorphFlag.NONPOSITIVE: "nonpositive flux or moment in a statistic (NaN)",
     MorphFlag.SHAPE_SEGMAP: "shape-asymmetry segmentation undefined or brightest pixel added",
     MorphFlag.GINI_DISJOINT: "Gini segmentation disjoint (brightest part kept)",
+    MorphFlag.MID: "MID segmentation fixed or MID statistic undefined",
+    MorphFlag.MID_SEGMAP: "Gini and MID segmentations differ",
 }
 
 
