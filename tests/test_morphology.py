@@ -174,6 +174,36 @@ def test_mid_statistics(golden, tmp_path):
     assert "multimode" not in t0.colnames
 
 
+def test_mid_failure_of_one_stamp_is_flagged(monkeypatch):
+    """An error in one stamp's MID statistics gives that stamp NaN and the MID flag, not a
+    failed batch; the other stamps and statistics are untouched."""
+    pytest.importorskip("skimage")
+    from galprof.morphology import mid
+
+    d = np.load(GOLDEN / "stamps.npz")
+    pick = [0, 19, 33]
+    args = ([d[f"image_{i:03d}"].astype(float) for i in pick], [d[f"segmap_{i:03d}"] for i in pick],
+            [int(d["labels"][i]) for i in pick])
+    ref = measure_morphology(*args, gain=2.0, options=MorphologyOptions(mid=True))
+    real, calls = mid.mid_statistics, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ZeroDivisionError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mid, "mid_statistics", flaky)
+    t = measure_morphology(*args, gain=2.0, options=MorphologyOptions(mid=True))
+    flags = np.asarray(t["morph_flag"])
+    bad = [k for k in range(3) if flags[k] & int(MorphFlag.MID)]
+    assert len(bad) == 1 and np.isnan(t["multimode"][bad[0]]) and "MID" in t["morph_message"][bad[0]]
+    for k in range(3):
+        assert t["concentration"][k] == ref["concentration"][k]
+        if k != bad[0]:
+            assert t["multimode"][k] == ref["multimode"][k] and flags[k] == ref["morph_flag"][k]
+
+
 def test_cli_sdss_examples(golden, tmp_path):
     """``galprof morph`` on the bundled SDSS catalogue (segmentation maps, labels, sigma images)."""
     from astropy.table import Table

@@ -630,8 +630,8 @@ def _mid_batch(bt: _Batch, ok: torch.Tensor, nobg: torch.Tensor, valid: torch.Te
         try:
             r = mid_statistics(img[k][sl], val[k][sl], gseg[k][sl], eta=opts.eta, boxcar_size=opts.boxcar_size_mid,
                                niter_bh=opts.niter_bh_mid, sigma=opts.sigma_mid)
-        except (ValueError, IndexError, FloatingPointError) as exc:  # a stamp's failure stays its own
-            log.warning("MID statistics of a stamp failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a stamp's failure stays its own (flagged, NaN)
+            log.warning("MID statistics of a stamp failed: %s: %s", type(exc).__name__, exc)
             bits[k] |= int(MorphFlag.MID)
             continue
         res["multimode"][k], res["intensity"][k], res["deviation"][k] = r.multimode, r.intensity, r.deviation

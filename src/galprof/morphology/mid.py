@@ -158,7 +158,8 @@ def mid_statistics(image: np.ndarray, valid: np.ndarray, gini_segmap: np.ndarray
         else:
             yy, xx = np.indices(cut.shape)
             yc, xc = np.sum(yy * cut) / m00, np.sum(xx * cut) / m00
-            d = math.sqrt(math.pi / float(np.sum(segmap))) * math.hypot(xp - xc, yp - yc)
+            area = float(np.sum(segmap))
+            d = math.sqrt(math.pi / area) * math.hypot(xp - xc, yp - yc) if area > 0 else math.inf
             if math.isfinite(d):
                 deviation = d
             else:
