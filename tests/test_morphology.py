@@ -7,6 +7,7 @@ Golden values: tests/data/statmorph_golden/, made by benchmarks/make_statmorph_g
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -168,7 +169,10 @@ def test_mid_statistics(golden, tmp_path):
     from astropy.table import Table
 
     tc = Table.read(tmp_path / "morphology.fits")
-    _compare({k: tc[k] for k in tc.colnames}, [golden["sdss"][i] for i in tc["id"]], "sdss, mid")
+    assert {"multimode", "intensity", "deviation"} <= set(tc.colnames)
+    assert {"multimode", "intensity", "deviation"} <= set(Table.read(tmp_path / "morphology.csv").colnames)
+    worst = _compare({k: tc[k] for k in tc.colnames}, [golden["sdss"][i] for i in tc["id"]], "sdss, mid")
+    assert {"multimode", "intensity", "deviation"} <= set(worst)
     # without mid the columns are absent
     t0 = measure_morphology(images[:2], segmaps[:2], list(d["labels"][:2]), masks[:2], gain=2.0)
     assert "multimode" not in t0.colnames
@@ -254,8 +258,16 @@ def test_fit_cli_morphology_columns(golden, tmp_path):
     out = tmp_path / "out"
     argv = ["fit", str(ROOT / "examples" / "sersic.yaml"), "--catalog", str(tmp_path / "cat.csv"), "--out", str(out),
             "--morphology", "--max-iter", "5"]
+    try:
+        import skimage  # noqa: F401
+
+        argv.append("--morphology-mid")  # the MID statistics too
+    except ImportError:
+        pass
     assert main(argv) == 0
     t = Table.read(out / "results.fits")
+    if "--morphology-mid" in argv:
+        assert {"multimode", "intensity", "deviation"} <= set(t.colnames)
     assert list(t["id"]) == ["J162123", "J100247", "J092800", "MISSING"]
     assert {"galaxy_re", "chi2", "morph_flag", "morph_message"} <= set(t.colnames)
     assert set(COLUMNS) <= set(t.colnames)
@@ -414,6 +426,11 @@ def test_morphology_hook_columns():
     assert cols["concentration"][0] == alone["concentration"][0] and np.isnan(cols["concentration"][1])
     assert cols["xc_asymmetry"][0] == pytest.approx(alone["xc_asymmetry"][0] + 10.0)
     assert cols["morph_flag"][1] & int(MorphFlag.NO_DATA)
+    assert "multimode" not in cols
+    if importlib.util.find_spec("skimage") is not None:
+        cols = morphology_hook(gain=1.0, options=MorphologyOptions(mid=True))(stamps, None, None)
+        ref = measure_morphology([image], gain=1.0, options=MorphologyOptions(mid=True))
+        assert cols["multimode"][0] == ref["multimode"][0] and np.isnan(cols["deviation"][1])
 
 
 # --------------------------------------------------------------------------------------------

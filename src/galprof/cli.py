@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--morphology", action="store_true",
                    help="add statmorph's non-parametric statistics (concentration, asymmetry, smoothness, Gini, "
                         "M20, radii; docs/morphology.md) to the fit table, measured in float64 on --device")
+    m.add_argument("--morphology-mid", action="store_true",
+                   help="with --morphology: also the MID statistics (multimode, intensity, deviation; needs scipy "
+                        "and scikit-image)")
     from .field_cli import add_field_options
 
     add_field_options(f)
@@ -247,8 +250,11 @@ def run_fit(args, model, catalog, model_source: str, out) -> int:
     hooks = []
     if args.morphology:
         from .morphology.hook import catalog_segmaps, morphology_hook
+        from .morphology.measure import MorphologyOptions
 
-        hooks.append(morphology_hook(gain=args.gain, device=args.device, segmaps=catalog_segmaps(catalog)))
+        opts = MorphologyOptions(mid=args.morphology_mid)
+        hooks.append(morphology_hook(options=opts, gain=args.gain, device=args.device,
+                                     segmaps=catalog_segmaps(catalog)))
     cluster = None
     if args.cluster is not None or args.workers is not None:
         from .pipeline.distributed import ClusterOptions

@@ -19,7 +19,7 @@ from ..errors import DataError
 from ..io.fits import read_image
 from .detect import DetectOptions
 from .flags import MorphFlag
-from .measure import COLUMNS, MorphologyOptions, measure_morphology
+from .measure import COLUMNS, MID_COLUMNS, MorphologyOptions, measure_morphology
 
 log = logging.getLogger("galprof")
 
@@ -175,7 +175,7 @@ def _in_catalogue_order(part: Table, ids: list, good: list[int], problems: dict[
         message[i] = part["morph_message"][k]
     result["morph_flag"] = flag
     result["morph_message"] = message
-    for key in COLUMNS:
+    for key in [k for k in part.colnames if k in COLUMNS or k in MID_COLUMNS]:
         col = np.full(n, np.nan)
         col[good] = np.asarray(part[key], dtype=float)
         result[key] = col

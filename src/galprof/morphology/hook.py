@@ -3,8 +3,9 @@
 :func:`morphology_hook` returns a column hook for :func:`galprof.pipeline.run_pipeline`
 (``hook(stamps, table, result) -> {column: values}``, called once per batch): it measures the
 morphology of the batch's stamps (the fit's image, sigma and mask) and returns the columns of
-:data:`~galprof.morphology.measure.COLUMNS` plus ``morph_flag`` and ``morph_message``, one entry
-per row. The target's segment is the catalogue's segmentation map where the row has one (see
+:data:`~galprof.morphology.measure.COLUMNS` (and ``MID_COLUMNS`` with ``mid=True``) plus
+``morph_flag`` and ``morph_message``, one entry per row. The target's segment is the
+catalogue's segmentation map where the row has one (see
 :func:`catalog_segmaps`: the ``mask`` column with the target's ``mask_label``, as for
 ``galprof morph``); otherwise the target is segmented automatically, with the fit's masked pixels
 (e.g. other sources) excluded. Positions are in the frame of each stamp's image.
@@ -20,7 +21,7 @@ from astropy.table import Column
 
 from .detect import DetectOptions
 from .flags import MorphFlag
-from .measure import COLUMNS, MorphologyOptions, measure_morphology
+from .measure import MorphologyOptions, measure_morphology, output_columns
 
 __all__ = ["morphology_hook", "catalog_segmaps"]
 
@@ -63,7 +64,8 @@ def morphology_hook(options: MorphologyOptions | None = None, detect_options: De
 
     def hook(stamps, table, result) -> dict[str, object]:
         n = len(stamps)
-        cols: dict[str, object] = {k: np.full(n, np.nan) for k in COLUMNS}
+        columns = output_columns(options)
+        cols: dict[str, object] = {k: np.full(n, np.nan) for k in columns}
         flag = np.full(n, int(MorphFlag.NO_DATA), dtype=np.int64)
         message = ["bad: not measured (no image)"] * n
         idx = [i for i, s in enumerate(stamps) if getattr(s, "image", None) is not None]
@@ -75,7 +77,7 @@ def morphology_hook(options: MorphologyOptions | None = None, detect_options: De
                                    [s.sigma for s in sub] if all(s.sigma is not None for s in sub) else None,
                                    gain=gain, ids=[s.id for s in sub], options=options,
                                    detect_options=detect_options, device=device, dtype=dtype)
-            for key in COLUMNS:
+            for key in columns:
                 vals = np.asarray(t[key], dtype=float)
                 if key.startswith("xc_") or key.startswith("yc_"):
                     axis = 0 if key.startswith("xc_") else 1
@@ -84,7 +86,7 @@ def morphology_hook(options: MorphologyOptions | None = None, detect_options: De
             flag[idx] = np.asarray(t["morph_flag"])
             for k, i in enumerate(idx):
                 message[i] = t["morph_message"][k]
-        for key, unit in COLUMNS.items():
+        for key, unit in columns.items():
             if unit:
                 cols[key] = Column(cols[key], unit=unit)
         cols["morph_flag"] = flag

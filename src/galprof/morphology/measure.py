@@ -108,6 +108,12 @@ COLUMNS: dict[str, str] = {
 MID_COLUMNS: dict[str, str] = {"multimode": "", "intensity": "", "deviation": ""}
 
 
+def output_columns(options: MorphologyOptions | None = None) -> dict[str, str]:
+    """The statistics' columns (with units) that ``options`` give: :data:`COLUMNS`, and
+    :data:`MID_COLUMNS` with ``mid=True``."""
+    return {**COLUMNS, **MID_COLUMNS} if options is not None and options.mid else COLUMNS
+
+
 # ============================================================================================
 # host side: cutouts and masks
 # ============================================================================================
@@ -856,7 +862,8 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
     -------
     astropy.table.Table
         ``id``, ``morph_flag`` (bits of :class:`~galprof.morphology.flags.MorphFlag`),
-        ``morph_message`` and the columns of :data:`COLUMNS` (NaN where not measured). Positions
+        ``morph_message`` and the columns of :data:`COLUMNS` (and :data:`MID_COLUMNS` with
+        ``mid=True``; NaN where not measured). Positions
         follow galprof's convention (pixel (1, 1) is the centre of the first pixel) and position
         angles are degrees counter-clockwise from +y.
     """
@@ -916,7 +923,7 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
         except ValueError as exc:
             notes[i] = (int(MorphFlag.NO_DATA), str(exc))
     # measure in batches of similar sizes
-    columns = {**COLUMNS, **MID_COLUMNS} if opts.mid else COLUMNS
+    columns = output_columns(opts)
     results: dict[str, np.ndarray] = {k: np.full(n, np.nan) for k in columns}
     flags = np.zeros(n, dtype=np.int64)
     good = [i for i in range(n) if stamps[i] is not None]
