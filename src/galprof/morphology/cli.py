@@ -111,11 +111,12 @@ def run(args) -> int:
     from ..catalog import read_catalog
 
     if args.mid:
+        from .mid import require
+
         try:
-            import scipy.optimize  # noqa: F401
-            import skimage.segmentation  # noqa: F401
+            require()
         except ImportError as exc:
-            raise DataError(f"--mid needs SciPy and scikit-image (pip install 'galprof[mid]'): {exc}") from None
+            raise DataError(f"--mid: {exc}") from None
     if args.workers > 1 and torch.device(args.device).type != "cpu":
         raise DataError(f"--workers {args.workers} runs on the CPU only (--device {args.device}): "
                         "use one process per GPU")

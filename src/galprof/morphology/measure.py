@@ -776,6 +776,7 @@ def _asymmetry_center_cpu(bt, opts, idx, radius, sky_asym, xc, yc, xb, yb, drift
     from . import asymmetry_jit
     from .asymmetry_cpu import StampAsymmetry, fmin2
 
+    xt, ft = opts.asym_xtol, opts.asym_ftol
     if asymmetry_jit.ENABLED:  # the whole simplex compiled
         def search(fun, x0):
             x, y, f = asymmetry_jit.fmin2_asym(*fun.jit_args(), float(x0[0]), float(x0[1]), xt, ft, 400, 400)
@@ -793,7 +794,6 @@ def _asymmetry_center_cpu(bt, opts, idx, radius, sky_asym, xc, yc, xb, yb, drift
     x0s, y0s, x1s, y1s = xc[idx].tolist(), yc[idx].tolist(), xb[idx].tolist(), yb[idx].tolist()
     res = []
     fl = []
-    xt, ft = opts.asym_xtol, opts.asym_ftol
     for k in range(len(ids)):
         fun = StampAsymmetry(img[k, :ny[k], :nx[k]], mask[k, :ny[k], :nx[k]], rad[k], sky[k])
         x0 = (x0s[k], y0s[k])
@@ -873,12 +873,9 @@ def measure_morphology(images: Sequence[np.ndarray], segmaps: Sequence[np.ndarra
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
     if opts.mid:
-        try:
-            import scipy.optimize  # noqa: F401
-            import skimage.segmentation  # noqa: F401
-        except ImportError as exc:
-            raise ImportError(f"the MID statistics (mid=True) need SciPy and scikit-image "
-                              f"(pip install 'galprof[mid]'): {exc}") from None
+        from .mid import require
+
+        require()
     if workers > 1 and torch.device(device).type != "cpu":
         raise ValueError(f"workers > 1 runs on the CPU only (device {device!r}): use one process per GPU")
     n = len(images)

@@ -30,7 +30,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MIDResult", "mid_statistics"]
+__all__ = ["MIDResult", "mid_statistics", "require"]
+
+
+def require() -> None:
+    """Raise ImportError, saying what to install, where SciPy or scikit-image is missing."""
+    try:
+        import scipy.optimize  # noqa: F401
+        import skimage.segmentation  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"the MID statistics need SciPy and scikit-image (pip install 'galprof[mid]'): {exc}") \
+            from None
 
 
 @dataclass
