@@ -650,6 +650,17 @@ def test_compiled_radial_sums_equal_tensor_sums(monkeypatch):
         wts = aperture_weights(xx - xc[0], yy - yc[0], a[1, 3], *args)
         dense = (img[0, 0] * wts * inside[0]).sum()
         assert float(got[k, 0, 3]) == pytest.approx(float(dense), rel=1e-10, abs=1e-10)
+    # the compiled elementwise elliptical weights (outer asymmetry) equal aperture_weights
+    n = 5000
+    dx, dy = torch.tensor(rng.uniform(-30, 30, n)), torch.tensor(rng.uniform(-30, 30, n))
+    ax, e = torch.tensor(rng.uniform(-1, 25, n)), torch.tensor(rng.uniform(1, 4, n))
+    t = torch.tensor(rng.uniform(-3, 3, n))
+    ref = aperture_weights(dx, dy, ax, e, torch.cos(t), torch.sin(t))
+    got = np.empty(n)
+    asymmetry_jit.ellipse_weights(dx.numpy(), dy.numpy(), ax.numpy(), e.numpy(), torch.cos(t).numpy(),
+                                  torch.sin(t).numpy(), got)
+    assert 0 < (ref.numpy() % 1 > 0).sum() < n  # partial pixels among the others
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-12, atol=1e-13)
 
 
 def test_cpu_fast_path_equals_batched_path(cpu_kernels):

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from .asymmetry import _TINY_OVERLAP, BAD_VALUE
+from .geometry import _HALF_DIAG
 
 try:  # optional dependency: galprof[fast]
     import numba
@@ -338,3 +339,19 @@ def radial_sums(rho, order, vals, cum, xc, yc, width, delta, elong, cos_t, sin_t
                     ring[ch] += vals[b, pos, ch] * wt
             for ch in range(c):
                 out[i, ch, j] = cum[b, k0, ch] + ring[ch]
+
+
+@_jit
+def ellipse_weights(dx, dy, a, elong, cos_t, sin_t, out):
+    """geometry.aperture_weights for ellipses, elementwise over 1-D arrays: 1 inside ``a - delta``
+    (elliptical radius of the pixel centre), the exact overlap within ``delta`` of ``a``, else 0."""
+    for i in range(dx.size):
+        e = elong[i]
+        u = dx[i] * cos_t[i] + dy[i] * sin_t[i]
+        v = (dy[i] * cos_t[i] - dx[i] * sin_t[i]) * e
+        rho = math.sqrt(u * u + v * v)
+        delta = _HALF_DIAG * e
+        if abs(rho - a[i]) < delta:
+            out[i] = ellipse_overlap(dx[i], dy[i], a[i], e, cos_t[i], sin_t[i])
+        else:
+            out[i] = 1.0 if rho < a[i] - delta else 0.0

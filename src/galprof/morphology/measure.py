@@ -673,6 +673,7 @@ def _asymmetry_once_cpu(kind, idx, img, mask, bt, radius, xa, ya, sky, out, inne
     """:func:`_asymmetry_once` for the stamps ``idx``, one stamp at a time in NumPy
     (:mod:`.asymmetry_cpu`); writes into ``out``. ``reuse``: stamp -> asymmetry function of the
     same image and aperture (another kind), whose layout is shared."""
+    from . import asymmetry_jit
     from .asymmetry_cpu import StampAsymmetry
 
     if idx.numel() == 0:
@@ -693,7 +694,14 @@ def _asymmetry_once_cpu(kind, idx, img, mask, bt, radius, xa, ya, sky, out, inne
         dy = torch.from_numpy(np.concatenate([o[1] for o in off]))
         rep = lambda v: torch.repeat_interleave(v[idx].to(torch.float64), torch.tensor(sizes))  # noqa: E731
         e, cs, sn = rep(elongation), rep(torch.cos(theta)), rep(torch.sin(theta))
-        wgt = aperture_weights(dx, dy, rep(radius), e, cs, sn) - aperture_weights(dx, dy, rep(inner), e, cs, sn)
+        if asymmetry_jit.ENABLED:
+            w_out, w_in = torch.empty_like(dx), torch.empty_like(dx)
+            args = (e.numpy(), cs.numpy(), sn.numpy())
+            asymmetry_jit.ellipse_weights(dx.numpy(), dy.numpy(), rep(radius).numpy(), *args, w_out.numpy())
+            asymmetry_jit.ellipse_weights(dx.numpy(), dy.numpy(), rep(inner).numpy(), *args, w_in.numpy())
+            wgt = w_out - w_in
+        else:
+            wgt = aperture_weights(dx, dy, rep(radius), e, cs, sn) - aperture_weights(dx, dy, rep(inner), e, cs, sn)
         parts = torch.split(wgt, sizes)
         vals = [f.weighted(cx[k], cy[k], parts[k].numpy()) for k, f in enumerate(fun)]
     else:
