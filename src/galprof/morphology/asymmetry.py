@@ -32,13 +32,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .asymmetry_jit import BAD_VALUE
+from .asymmetry_jit import TINY_OVERLAP as _TINY_OVERLAP
 from .geometry import aperture_weights
 
 __all__ = ["AsymmetryFunction"]
 
 #: value returned for centres outside the stamp or with no flux in the aperture (statmorph's)
-BAD_VALUE = 100.0
-_TINY_OVERLAP = 1e-12  # overlaps below this (pixels) are 0: see _ring_weights
 
 
 class AsymmetryFunction:

@@ -23,7 +23,8 @@ import math
 import numpy as np
 
 from . import asymmetry_jit
-from .asymmetry import _TINY_OVERLAP, BAD_VALUE
+from .asymmetry_jit import BAD_VALUE
+from .asymmetry_jit import TINY_OVERLAP as _TINY_OVERLAP
 
 __all__ = ["StampAsymmetry", "fmin2"]
 

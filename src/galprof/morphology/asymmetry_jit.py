@@ -1,7 +1,10 @@
-"""Compiled (numba) kernels of the CPU asymmetry path, used when numba is installed.
+"""Compiled (numba) kernels of the CPU morphology path, used when numba is installed: the
+asymmetry and its centre search, the exact aperture sums of the curves of growth and the
+elliptical weights of the outer-asymmetry annulus.
 
 The same arithmetic as :class:`galprof.morphology.asymmetry_cpu.StampAsymmetry` and
-:func:`~galprof.morphology.asymmetry_cpu.fmin2`, pixel by pixel in one pass instead of a few dozen
+:func:`~galprof.morphology.asymmetry_cpu.fmin2` (and as ``RadialProfile.sums`` and
+``geometry.aperture_weights``), pixel by pixel in one pass instead of a few dozen
 NumPy operations on the aperture: an evaluation of the asymmetry costs about as many nanoseconds
 per aperture pixel as the NumPy path costs microseconds per call, and the simplex that follows
 statmorph's path (``scipy.optimize.fmin``'s steps, about 125 evaluations per stamp) runs without
@@ -20,9 +23,6 @@ import os
 
 import numpy as np
 
-from .asymmetry import _TINY_OVERLAP, BAD_VALUE
-from .geometry import _HALF_DIAG
-
 try:  # optional dependency: galprof[fast]
     import numba
 except ImportError:  # pragma: no cover - exercised where numba is missing
@@ -37,6 +37,15 @@ COMPILED = numba is not None and not _OFF
 ENABLED = COMPILED
 
 _PI8 = 0.125 * math.pi
+# Constants shared with the NumPy and torch paths, defined here (and imported there) because
+# numba's on-disk cache is rebuilt only when this file changes: a constant imported from another
+# module would stay frozen in the cached code.
+#: asymmetry where it is undefined (statmorph's "high energy" for its simplex)
+BAD_VALUE = 100.0
+#: pixel overlaps below this are rounding noise of a pixel that does not overlap: 0
+TINY_OVERLAP = 1e-12
+#: > sqrt(2) / 2: the farthest point of a unit pixel from its centre
+HALF_DIAG = 0.7071068
 
 
 def _jit(f):
@@ -133,7 +142,7 @@ def asym_eval(img, usable, unmasked, has_mask, off, ni, ring_col, ring_row, h, p
             wr += _f(qx, qy, c0 + 1, r0 + 1)
             wr *= r2
             wr = min(max(wr, 0.0), 1.0)
-            if wr < _TINY_OVERLAP:  # rounding noise of a pixel that does not overlap
+            if wr < TINY_OVERLAP:  # rounding noise of a pixel that does not overlap
                 wr = 0.0
             num += t * wr
             den += ai * wr
@@ -350,7 +359,7 @@ def ellipse_weights(dx, dy, a, elong, cos_t, sin_t, out):
         u = dx[i] * cos_t[i] + dy[i] * sin_t[i]
         v = (dy[i] * cos_t[i] - dx[i] * sin_t[i]) * e
         rho = math.sqrt(u * u + v * v)
-        delta = _HALF_DIAG * e
+        delta = HALF_DIAG * e
         if abs(rho - a[i]) < delta:
             out[i] = ellipse_overlap(dx[i], dy[i], a[i], e, cos_t[i], sin_t[i])
         else:

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .asymmetry_jit import HALF_DIAG as _HALF_DIAG
+
 __all__ = ["ellipse_pixel_overlap", "circle_pixel_overlap", "circle_triangle_area", "aperture_weights"]
 
 # corners of the unit pixel, counter-clockwise, relative to its centre
@@ -123,4 +125,3 @@ def aperture_weights(dx: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, elonga
     return w
 
 
-_HALF_DIAG = 0.7071068  # > sqrt(2) / 2: farthest point of a unit pixel from its centre

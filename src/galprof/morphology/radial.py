@@ -16,12 +16,12 @@ from collections.abc import Callable
 import torch
 
 from . import asymmetry_jit
+from .asymmetry_jit import HALF_DIAG as _HALF_DIAG
 from .geometry import circle_pixel_overlap, ellipse_pixel_overlap
 from .kernels import brentq, sort_rows
 
 __all__ = ["RadialProfile", "petrosian_radius", "fraction_radius"]
 
-_HALF_DIAG = 0.7071068  # > sqrt(2)/2
 
 
 def _scan_chunk(device: torch.device) -> int:
