@@ -394,6 +394,20 @@ def test_bad_stamps_are_flagged_not_fatal():
     assert "shape" in t["morph_message"][5] and "label 0" in t["morph_message"][3]
 
 
+def test_nonpositive_second_moment_about_the_centroid_is_bad():
+    """A one-pixel segment has zero second moments about its centroid: statmorph's covariance
+    test (a diagonal element <= 0) makes the measurement bad, about the centroid as about the
+    asymmetry centre."""
+    rng = np.random.default_rng(3)
+    img = rng.normal(0, 1, (50, 50))
+    seg = np.zeros((50, 50), int)
+    seg[25, 20] = 1
+    img[25, 20] = 5.5
+    t = measure_morphology([img], [seg], [1], gain=2.0, options=MorphologyOptions(n_sigma_outlier=-1))
+    flag = int(t["morph_flag"][0])
+    assert flag & int(MorphFlag.NONPOSITIVE) and t["morph_message"][0].startswith("bad")
+
+
 def test_automatic_segmentation():
     """Without a segmentation map the target at the centre is segmented and its companion masked."""
     galsim = pytest.importorskip("galsim")

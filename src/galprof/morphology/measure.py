@@ -384,7 +384,8 @@ def _measure_batch(bt: _Batch, opts: MorphologyOptions, gain: float | None) -> d
     flag = _set(flag, ok & (flat.gather(1, cidx[:, None]).squeeze(1) == 0), MorphFlag.CENTROID)
     bright = torch.where(bt.inside, nobg, torch.full_like(nobg, -float("inf"))).reshape(b, -1).argmax(1)
     xb, yb = (bright % w).to(dt), (bright // w).to(dt)
-    e_c, el_c, th_c, _ = _shape(*_moments(nobg, x, y, xc, yc))
+    e_c, el_c, th_c, badmom_c = _shape(*_moments(nobg, x, y, xc, yc))
+    flag = _set(flag, ok & badmom_c, MorphFlag.NONPOSITIVE)  # statmorph: bad, as about the asymmetry centre
 
     clock("centroid")
     # --- sky box ----------------------------------------------------------------------------
