@@ -178,6 +178,25 @@ def test_mid_statistics(golden, tmp_path):
     assert "multimode" not in t0.colnames
 
 
+def test_mid_without_its_dependencies_is_a_clear_error(monkeypatch, tmp_path):
+    """Without SciPy/scikit-image, --mid and --morphology-mid stop with exit code 2 and a message
+    before any work (no output folder), and the API raises ImportError naming the extra."""
+    from galprof.cli import main
+    from galprof.morphology import mid
+
+    def missing():
+        raise ImportError("the MID statistics need SciPy and scikit-image (pip install 'galprof[mid]'): none")
+
+    monkeypatch.setattr(mid, "require", missing)
+    cat = str(ROOT / "examples" / "sdss" / "catalog.csv")
+    assert main(["morph", "--catalog", cat, "--out", str(tmp_path / "m"), "--mid"]) == 2
+    assert main(["fit", str(ROOT / "examples" / "sersic.yaml"), "--catalog", cat, "--out", str(tmp_path / "f"),
+                 "--morphology", "--morphology-mid"]) == 2
+    assert not (tmp_path / "m").exists() and not (tmp_path / "f").exists()
+    with pytest.raises(ImportError, match="galprof\\[mid\\]"):
+        measure_morphology([np.ones((9, 9))], gain=1.0, options=MorphologyOptions(mid=True))
+
+
 def test_mid_failure_of_one_stamp_is_flagged(monkeypatch):
     """An error in one stamp's MID statistics gives that stamp NaN and the MID flag, not a
     failed batch; the other stamps and statistics are untouched."""

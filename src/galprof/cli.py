@@ -252,6 +252,10 @@ def run_fit(args, model, catalog, model_source: str, out) -> int:
         from .morphology.hook import catalog_segmaps, morphology_hook
         from .morphology.measure import MorphologyOptions
 
+        if args.morphology_mid:  # a missing dependency stops the run before it starts
+            from .morphology.mid import require_option
+
+            require_option("--morphology-mid")
         opts = MorphologyOptions(mid=args.morphology_mid)
         hooks.append(morphology_hook(options=opts, gain=args.gain, device=args.device,
                                      segmaps=catalog_segmaps(catalog)))

@@ -111,12 +111,9 @@ def run(args) -> int:
     from ..catalog import read_catalog
 
     if args.mid:
-        from .mid import require
+        from .mid import require_option
 
-        try:
-            require()
-        except ImportError as exc:
-            raise DataError(f"--mid: {exc}") from None
+        require_option("--mid")
     if args.workers > 1 and torch.device(args.device).type != "cpu":
         raise DataError(f"--workers {args.workers} runs on the CPU only (--device {args.device}): "
                         "use one process per GPU")

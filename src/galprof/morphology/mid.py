@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MIDResult", "mid_statistics", "require"]
+__all__ = ["MIDResult", "mid_statistics", "require", "require_option"]
 
 
 def require() -> None:
@@ -41,6 +41,17 @@ def require() -> None:
     except ImportError as exc:
         raise ImportError(f"the MID statistics need SciPy and scikit-image (pip install 'galprof[mid]'): {exc}") \
             from None
+
+
+def require_option(option: str) -> None:
+    """:func:`require` for a command-line option: a :class:`~galprof.errors.DataError` (exit code
+    2, a message) before any work, not an ImportError after it."""
+    from ..errors import DataError
+
+    try:
+        require()
+    except ImportError as exc:
+        raise DataError(f"{option}: {exc}") from None
 
 
 @dataclass
